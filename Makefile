@@ -1,0 +1,31 @@
+# Two set-up-free entry points: `make demo` (the main job on the embedded
+# synthetic data set) and `make test` (the whole suite). Each builds .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv venv-test clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt $(BIN)/activate
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-test: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	$(BIN)/python -m qcs_jax.train --config configs/synthetic.py --workdir $${WORKDIR:-runs/synthetic}
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) runs

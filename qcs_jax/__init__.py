@@ -1,0 +1,1 @@
+"""qcs_jax: QCS / DCS facial expression recognition in JAX/Flax."""

@@ -1,0 +1,199 @@
+"""Model checkpoints on disk: an orbax pytree plus a JSON model config.
+
+Layout of a checkpoint directory DIR:
+  DIR/variables/   orbax StandardCheckpointer pytree {'params', 'batch_stats'}
+  DIR/model.json   {'format', 'kind' ('model'|'backbone'), 'model' (config.model
+                    fields), 'class_names' (optional), 'extra' (free metadata)}
+
+`load_model(DIR).logits(images)` is the documented Python entry point that
+evaluation and prediction use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import uuid
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = 'qcs_jax.variables/1'
+_TUPLE_FIELDS = ('stage_channels', 'stage_units')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that is missing, incomplete or does not fit."""
+
+
+def _plain_cfg(model_cfg: Any) -> dict[str, Any]:
+  cfg = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+  return json.loads(json.dumps(cfg))  # tuples -> lists; fails early if odd
+
+
+def _kind(variables: Mapping[str, Any]) -> str:
+  params = variables.get('params', {})
+  return 'backbone' if set(params) == {'ir_back'} else 'model'
+
+
+def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any],
+                   model_cfg: Any, extra: Mapping[str, Any] | None = None,
+                   force: bool = False) -> pathlib.Path:
+  """Writes DIR/variables (orbax) and DIR/model.json, atomically.
+
+  Everything is written to a hidden sibling directory that is renamed into
+  place at the end, so a failure leaves nothing at DIR (or the old checkpoint
+  when overwriting). Refuses an existing DIR unless `force`.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if 'params' not in variables:
+    raise CheckpointError('variables must hold a "params" collection')
+  if directory.exists() and not force:
+    raise CheckpointError(
+        f'{directory} already exists; pass force=True (--force) to overwrite')
+  extra = dict(extra or {})
+  meta = {
+      'format': FORMAT,
+      'kind': _kind(variables),
+      'model': _plain_cfg(model_cfg),
+      'class_names': (list(extra.pop('class_names'))
+                      if extra.get('class_names') is not None else None),
+      'num_values': int(sum(np.size(x) for x in jax.tree.leaves(variables))),
+      'extra': extra,
+  }
+  meta_text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+  host = jax.tree.map(np.asarray, dict(variables))
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-',
+                                      dir=directory.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / 'variables', host)
+    ckptr.wait_until_finished()
+    (tmp / 'model.json').write_text(meta_text)
+    if directory.exists():
+      old = directory.parent / f'.{directory.name}.old-{uuid.uuid4().hex[:8]}'
+      directory.rename(old)
+      tmp.rename(directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      tmp.rename(directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+  """DIR/model.json, checked; model config tuples restored."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise CheckpointError(f'{directory}: no such checkpoint directory')
+  meta_path = directory / 'model.json'
+  if not meta_path.is_file():
+    raise CheckpointError(
+        f'{directory}: not a qcs_jax checkpoint (no model.json); convert '
+        'PyTorch files with tools/convert_ir50.py')
+  try:
+    meta = json.loads(meta_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{meta_path}: unreadable JSON ({e})') from e
+  if meta.get('format') != FORMAT or not isinstance(meta.get('model'), dict):
+    raise CheckpointError(
+        f'{meta_path}: format {meta.get("format")!r}, expected {FORMAT!r}')
+  for k in _TUPLE_FIELDS:
+    if k in meta['model']:
+      meta['model'][k] = tuple(int(x) for x in meta['model'][k])
+  if not (directory / 'variables').is_dir():
+    raise CheckpointError(f'{directory}: incomplete checkpoint (no variables/)')
+  return meta
+
+
+def _check_shapes(variables: Mapping[str, Any], model_cfg: dict[str, Any],
+                  kind: str, where: str) -> None:
+  """Every leaf present with the shape `build_model(model_cfg)` creates."""
+  from qcs_jax import convert  # pylint: disable=import-outside-toplevel
+  expected = convert.expected_shapes(model_cfg)
+  if kind == 'backbone':
+    expected = {p: s for p, s in expected.items() if p[1] == 'ir_back'}
+  got = {p: tuple(np.shape(v)) for p, v in
+         convert.flatten_tree(variables).items()}
+  missing = sorted(set(expected) - set(got))
+  extra = sorted(set(got) - set(expected))
+  bad = [p for p in expected if p in got and got[p] != expected[p]]
+  problems = []
+  if missing:
+    problems.append(f'{len(missing)} missing, e.g. {"/".join(missing[0])}')
+  if extra:
+    problems.append(f'{len(extra)} unexpected, e.g. {"/".join(extra[0])}')
+  if bad:
+    p = bad[0]
+    problems.append(f'{len(bad)} with other shapes, e.g. {"/".join(p)} '
+                    f'{got[p]} vs {expected[p]}')
+  if problems:
+    raise CheckpointError(
+        f'{where}: variables do not match its model config ({"; ".join(problems)})')
+
+
+def load_variables(directory: str | os.PathLike
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """DIR -> (variables {'params', 'batch_stats'} of numpy arrays, model cfg).
+
+  The variables are checked against the model config saved with them.
+  """
+  meta = read_metadata(directory)
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(directory).absolute() / 'variables'
+  try:
+    variables = ocp.StandardCheckpointer().restore(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'{path}: cannot restore ({type(e).__name__}: {e})') from e
+  variables = jax.tree.map(np.asarray, dict(variables))
+  _check_shapes(variables, meta['model'], meta.get('kind', 'model'),
+                str(directory))
+  return variables, meta['model']
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A restored model ready for inference: `logits(images) -> (B, K)`."""
+  model: Any
+  variables: Any
+  model_cfg: dict[str, Any]
+  class_names: list[str] | None
+  metadata: dict[str, Any]
+  _infer: Callable[..., Any] = dataclasses.field(repr=False, default=None)
+
+  def logits(self, images: Any) -> jax.Array:
+    """float32 (B, H, W, 3) normalised NHWC -> logits (B, K), eval mode."""
+    shape = np.shape(images)
+    size = self.model_cfg.get('img_size', 224)
+    if len(shape) != 4 or shape[-1] != 3 or shape[1:3] != (size, size):
+      raise ValueError(f'expected images (B, {size}, {size}, 3), got {shape}')
+    return self._infer(self.variables, jnp.asarray(images, jnp.float32))
+
+
+def load_model(directory: str | os.PathLike) -> LoadedModel:
+  """DIR -> LoadedModel (model, variables, model_cfg, class_names, logits)."""
+  from qcs_jax import models  # pylint: disable=import-outside-toplevel
+  meta = read_metadata(directory)
+  if meta.get('kind') == 'backbone':
+    raise CheckpointError(
+        f'{directory} holds only an IR50 backbone (a training init, see '
+        'config.init.backbone), not a whole model')
+  variables, model_cfg = load_variables(directory)
+  model = models.build_model(model_cfg)
+  variables = jax.device_put(variables)
+  infer = jax.jit(lambda v, x: model.apply(v, x, method='infer'))
+  return LoadedModel(model=model, variables=variables, model_cfg=model_cfg,
+                     class_names=meta.get('class_names'), metadata=meta,
+                     _infer=infer)

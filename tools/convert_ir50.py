@@ -1,0 +1,155 @@
+"""Converts PyTorch IR50 / QCS / DCS checkpoints into qcs_jax checkpoints.
+
+  # IR50 backbone (ir50.pth, either key layout, or the ir_back part of a
+  # full QCS/DCS checkpoint) -> a training init (config.init.backbone):
+  python tools/convert_ir50.py --input ir50.pth --output runs/ir50
+  # a whole authors' QCS / DCS training checkpoint -> a full model:
+  python tools/convert_ir50.py --full --input rafdb_qcs.pth --output runs/qcs_rafdb
+  python tools/convert_ir50.py --full --input ferplus.pth --config configs/ferplus_qcs.py \
+      --output runs/qcs_ferplus --verify
+
+Without --config the model config is the paper's (backbone) or read off the
+checkpoint's shapes (--full); flags override single fields. --verify runs the
+PyTorch reference of tests/torch_reference.py (needs torch and a source
+checkout) on one random batch and prints max|ours - ref| / max|ref|.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+from typing import Any, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import numpy as np  # pylint: disable=wrong-import-position
+
+from qcs_jax import checkpoint, convert  # pylint: disable=wrong-import-position
+
+_INT_FIELDS = ('num_classes', 'img_size', 'embed_dim', 'num_heads',
+               'base_depth', 'cross_depth')
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(','))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--input', required=True, help='PyTorch .pth file')
+  p.add_argument('--output', required=True, help='checkpoint directory to write')
+  p.add_argument('--full', action='store_true',
+                 help='convert a whole QCS/DCS/baseline model (default: backbone)')
+  p.add_argument('--config', help='a configs/*.py file; its config.model is used')
+  p.add_argument('--model', choices=sorted(convert.NUM_BRANCHES),
+                 help='override config.model.name')
+  p.add_argument('--csa', help='override config.model.csa')
+  for f in _INT_FIELDS:
+    p.add_argument(f'--{f}', type=int, help=f'override config.model.{f}')
+  p.add_argument('--mlp_ratio', type=float)
+  p.add_argument('--stage_channels', type=_ints, help='e.g. 64,128,256')
+  p.add_argument('--stage_units', type=_ints, help='e.g. 3,4,14')
+  p.add_argument('--float64', action='store_true',
+                 help='write float64 arrays (default float32)')
+  p.add_argument('--force', action='store_true', help='overwrite --output')
+  p.add_argument('--verify', action='store_true',
+                 help='compare with the PyTorch reference on a random batch')
+  return p.parse_args(argv)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+  """config.model of a configs/*.py file with get_config()."""
+  spec = importlib.util.spec_from_file_location('_qcs_config', path)
+  if spec is None or spec.loader is None:
+    raise convert.ConversionError(f'{path}: cannot import as a config file')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = module.get_config().model
+  return model.to_dict() if hasattr(model, 'to_dict') else dict(model)
+
+
+def model_config(args: argparse.Namespace, sd) -> tuple[dict[str, Any], str]:
+  if args.config:
+    cfg, origin = load_config_file(args.config), f'from {args.config}'
+  elif args.full:
+    cfg = convert.infer_model_config(sd)
+    origin = ('read off the checkpoint; num_heads, csa, minmax and dropout '
+              'are not stored in weights: paper defaults unless given')
+  else:
+    cfg, origin = dict(convert.DEFAULT_MODEL_CFG), 'the paper defaults'
+  overrides = {f: getattr(args, f) for f in
+               _INT_FIELDS + ('csa', 'mlp_ratio', 'stage_channels', 'stage_units')
+               if getattr(args, f) is not None}
+  if args.model:
+    overrides['name'] = args.model
+  cfg.update(overrides)
+  if overrides:
+    origin += f', overridden: {sorted(overrides)}'
+  return convert._cfg_dict(cfg), origin  # pylint: disable=protected-access
+
+
+def import_reference():
+  """tests/torch_reference.py of this checkout, or None with a message."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    print('--verify: torch is not installed (pip install torch); skipped')
+    return None
+  path = REPO / 'tests' / 'torch_reference.py'
+  if not path.is_file():
+    print(f'--verify: the PyTorch reference {path} is missing (it ships with '
+          'the source checkout, not the package); skipped')
+    return None
+  spec = importlib.util.spec_from_file_location('torch_reference', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  out = pathlib.Path(args.output)
+  try:
+    if out.exists() and not args.force:
+      raise checkpoint.CheckpointError(
+          f'{out} already exists; pass --force to overwrite')
+    sd, how = convert.load_torch_file(args.input)
+    cfg, origin = model_config(args, sd)
+    print(f'model config ({origin}): {cfg}')
+    dtype = np.float64 if args.float64 else np.float32
+    fn = convert.convert_model if args.full else convert.convert_backbone
+    variables, report = fn(sd, cfg, dtype=dtype)
+    report.how_loaded = how
+    print(report.summary())
+    extra = {'source': str(pathlib.Path(args.input).resolve()),
+             'converted_with': 'tools/convert_ir50.py',
+             'read_with': how, 'layout': report.layout,
+             'keys_loaded': len(report.loaded),
+             'keys_ignored': sum(len(v) for v in report.ignored.values()),
+             'keys_unknown': report.unknown}
+    path = checkpoint.save_variables(out, variables, cfg, extra=extra,
+                                     force=args.force)
+    print(f'wrote {path} ({"full model" if args.full else "backbone"})')
+  except (convert.ConversionError, checkpoint.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if args.verify:
+    reference = import_reference()
+    if reference is not None:
+      errors = convert.verify_against_torch(sd, variables, cfg, reference,
+                                            full=args.full)
+      tol = 1e-10 if args.float64 else 1e-4
+      for k, e in errors.items():
+        print(f'verify: max relative error {k}: {e:.3g}')
+      if max(errors.values()) > tol:
+        print(f'verify: FAILED (tolerance {tol:g})', file=sys.stderr)
+        return 1
+      print(f'verify: ok (all <= {tol:g})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

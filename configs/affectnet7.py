@@ -1,0 +1,6 @@
+"""QCS on affectnet7 (released recipe; see qcs_jax/config.py RECIPES)."""
+from qcs_jax.config import recipe
+
+
+def get_config():
+  return recipe("qcs", "affectnet7")

@@ -1,0 +1,6 @@
+"""QCS on ferplus (released recipe; see qcs_jax/config.py RECIPES)."""
+from qcs_jax.config import recipe
+
+
+def get_config():
+  return recipe("qcs", "ferplus")

@@ -1,0 +1,292 @@
+"""Evaluates a checkpoint on a data split: accuracy, per-class metrics, confusion matrix.
+
+  python -m qcs_jax.evaluate --config configs/rafdb.py --checkpoint runs/rafdb \
+      [--split test] [--tta_flip] [--predictions_csv preds.csv] [--output eval/]
+
+--checkpoint is a checkpoint directory (converted or exported: it holds
+model.json) or a training workdir (its best/ checkpoint is used). The model is
+built from the checkpoint's own model config; --config supplies the data set
+(and is read from the workdir's config.json when omitted). Only the inference
+path runs, jitted and sharded over the batch on every local device.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qcs_jax import checkpoint as ckpt_io
+from qcs_jax import metrics as metrics_lib
+from qcs_jax import train_lib
+
+# config.model fields that do not change the weights or the logits' meaning.
+_RUNTIME_FIELDS = ("dtype", "base_drop", "cross_drop", "base_proj_drop", "cross_proj_drop")
+
+
+def resolve_checkpoint(path: str) -> str:
+  """A checkpoint directory: `path` itself if it holds model.json, else path/best."""
+  path = os.path.expanduser(str(path))
+  if os.path.isfile(os.path.join(path, "model.json")):
+    return path
+  best = os.path.join(path, "best")
+  if os.path.isfile(os.path.join(best, "model.json")):
+    return best
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    raise ckpt_io.CheckpointError(
+        f"{path} is a training workdir without a best/ model yet (one is written after the "
+        f"first evaluated epoch)")
+  ckpt_io.read_metadata(path)  # raises the checkpoint module's explanation
+  return path
+
+
+def load_checkpoint(path: str) -> ckpt_io.LoadedModel:
+  """load_model on a checkpoint directory or a training workdir (its best/)."""
+  return ckpt_io.load_model(resolve_checkpoint(path))
+
+
+def workdir_config(checkpoint: str) -> ml_collections.ConfigDict | None:
+  """The config.json a training run wrote next to (or above) its best/ checkpoint."""
+  path = resolve_checkpoint(checkpoint)
+  for d in (os.path.dirname(os.path.abspath(path)), os.path.abspath(path)):
+    f = os.path.join(d, "config.json")
+    if os.path.isfile(f):
+      with open(f) as fh:
+        return ml_collections.ConfigDict(json.load(fh))
+  return None
+
+
+def config_differences(cfg_model: Any, ckpt_model: dict) -> list[str]:
+  """config.model fields that disagree with the checkpoint's architecture."""
+  cfg_model = cfg_model.to_dict() if hasattr(cfg_model, "to_dict") else dict(cfg_model or {})
+  out = []
+  for key, val in sorted(ckpt_model.items()):
+    if key in _RUNTIME_FIELDS or key not in cfg_model:
+      continue
+    mine = cfg_model[key]
+    if isinstance(mine, (list, tuple)) or isinstance(val, (list, tuple)):
+      same = list(mine) == list(val)
+    else:
+      same = mine == val
+    if not same:
+      out.append(f"config.model.{key}={mine!r} but the checkpoint has {val!r}")
+  return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def make_tta_step(model, mesh):
+  """jit(v, images) -> log of the mean softmax of the images and their mirror images.
+
+  Returned as "logits" so that argmax and softmax downstream give the TTA
+  prediction and probabilities (softmax(log p) = p when p sums to 1).
+  """
+  rep = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P("data"))
+
+  def step(v, x):
+    p = jax.nn.softmax(model.apply(v, x, method="infer").astype(jnp.float32), -1)
+    p_flip = jax.nn.softmax(model.apply(v, x[:, :, ::-1, :], method="infer")
+                            .astype(jnp.float32), -1)
+    return jnp.log(jnp.maximum(0.5 * (p + p_flip), jnp.finfo(jnp.float32).tiny))
+
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=data)
+
+
+def _with_progress(batches, total: int, enabled: bool, desc: str) -> Iterator[dict]:
+  """Yields the batches and advances a tqdm bar (images, with the rate) after each."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  with tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
+            file=sys.stderr) as bar:
+    for b in batches:
+      yield b
+      bar.update(int(np.sum(np.asarray(b["index"]) >= 0)))
+
+
+def write_predictions_csv(path: str, source: Any, index: np.ndarray, labels: np.ndarray,
+                          preds: np.ndarray, probs: np.ndarray,
+                          class_names: tuple[str, ...]) -> str:
+  """One row per image: index, source, label(_name), prediction(_name), prob_<class>..."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["index", "source", "label", "label_name", "prediction", "prediction_name"]
+               + [f"prob_{n}" for n in class_names])
+    for i, y, p, pr in zip(index.tolist(), labels.tolist(), preds.tolist(), probs):
+      w.writerow([i, source.describe(i), y, class_names[y], p, class_names[p]]
+                 + [f"{v:.6f}" for v in pr])
+  return path
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
+                        split: str | None = None, tta_flip: bool = False,
+                        output: str | None = None, predictions_csv: str | None = None,
+                        batch_size: int | None = None, progress: bool = True,
+                        source: Any = None,
+                        on_warning: Callable[[str], None] | None = None) -> dict:
+  """Evaluates `checkpoint` on `split` of cfg.data; returns metrics and per-image arrays.
+
+  Args:
+    cfg: the run config (its data section is used); None reads the training
+      workdir's config.json.
+    checkpoint: a checkpoint directory or a training workdir (-> best/).
+    split: data split, default cfg.data.test_split.
+    tta_flip: average the softmax of each image and its mirror image.
+    output: folder for confusion.png, confusion.json and metrics.json (None: none).
+    predictions_csv: path of a per-image CSV (None: none).
+    batch_size: global eval batch (default cfg.data.eval_batch_size), rounded up
+      to a multiple of the device count.
+    progress: show a tqdm bar.
+    source: an already opened FERSource to use instead of opening `split`.
+    on_warning: called with each warning as soon as it is known (they are
+      also returned under 'warnings').
+
+  Returns:
+    metrics.summarize(...) fields plus confusion_matrix, class_names, split,
+    checkpoint, tta_flip, images_per_sec, num_skipped, warnings, and numpy arrays
+    index, labels, preds, probs (not JSON-written).
+  """
+  from qcs_jax import plots  # pylint: disable=import-outside-toplevel
+  from qcs_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+
+  ckpt_dir = resolve_checkpoint(checkpoint)
+  if cfg is None:
+    cfg = workdir_config(ckpt_dir)
+    if cfg is None:
+      raise ValueError(f"no --config given and no config.json beside {ckpt_dir}: pass the "
+                       f"recipe that names the data set (e.g. --config configs/rafdb.py)")
+  loaded = ckpt_io.load_model(ckpt_dir)
+  mcfg = loaded.model_cfg
+  warnings = config_differences(cfg.get("model", {}), mcfg)
+  split = split or cfg.data.get("test_split", "test")
+  src = source if source is not None else sources.open_split(cfg.data, split)
+  num_classes = int(mcfg.get("num_classes", 7))
+  if src.num_classes != num_classes:
+    raise ValueError(f"{src.name} has {src.num_classes} classes {list(src.class_names)} but "
+                     f"the checkpoint {ckpt_dir} predicts {num_classes} "
+                     f"(model.num_classes): wrong data set or wrong checkpoint?")
+  class_names = tuple(src.class_names)
+  if loaded.class_names and tuple(loaded.class_names) != class_names:
+    warnings.append(f"the checkpoint's class names {list(loaded.class_names)} differ from "
+                    f"{src.name}'s {list(class_names)}; labels are compared by index")
+  for w in warnings if on_warning else ():
+    on_warning(w)
+
+  mesh = train_lib.make_mesh()
+  ndev = mesh.devices.size
+  bs = int(batch_size or cfg.data.get("eval_batch_size", 64))
+  bs = -(-bs // ndev) * ndev
+  img_size = int(mcfg.get("img_size", 224))
+  variables = jax.device_put(loaded.variables, NamedSharding(mesh, P()))
+  step = (make_tta_step(loaded.model, mesh) if tta_flip
+          else train_lib.make_eval_step(loaded.model, mesh))
+  try:
+    batches = pipeline.eval_batches(src, cfg.data, img_size, bs)
+  except ValueError as e:
+    raise ValueError(f"config.data.augment does not fit the checkpoint's img_size "
+                     f"{img_size}: {e}") from e
+  t0 = time.perf_counter()
+  try:
+    labels, preds, index, logits = train_lib.evaluate(
+        step, variables, _with_progress(batches, len(src), progress, f"eval {src.name}"),
+        num_classes, mesh)
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
+  seconds = time.perf_counter() - t0
+  probs = softmax(logits)
+  cm = metrics_lib.confusion_matrix(labels, preds, num_classes)
+  result = metrics_lib.summarize(cm, class_names)
+  result.update(
+      confusion_matrix=cm.tolist(), class_names=list(class_names), split=split,
+      data=src.name, checkpoint=os.path.abspath(ckpt_dir), tta_flip=bool(tta_flip),
+      seconds=seconds, images_per_sec=len(labels) / seconds if seconds > 0 else 0.0,
+      num_skipped=int(getattr(batches, "num_skipped", 0)), warnings=warnings)
+  if output:
+    os.makedirs(output, exist_ok=True)
+    tag = " (flip TTA)" if tta_flip else ""
+    plots.plot_confusion(cm, class_names, os.path.join(output, "confusion.png"),
+                         f"{src.name}: {100 * result['accuracy']:.2f}%{tag}")
+    with open(os.path.join(output, "confusion.json"), "w") as f:
+      json.dump({"class_names": list(class_names), "matrix": cm.tolist()}, f, indent=1)
+    with open(os.path.join(output, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  if predictions_csv:
+    write_predictions_csv(predictions_csv, src, index, labels, preds, probs, class_names)
+    result["predictions_csv"] = predictions_csv
+  result.update(index=index, labels=labels, preds=preds, probs=probs)
+  return result
+
+
+def format_report(result: dict) -> str:
+  """A human-readable table of the headline numbers and the per-class metrics."""
+  lines = [f"{result['data']} ({result['num_images']} images"
+           + (", flip TTA" if result["tta_flip"] else "") + f") with {result['checkpoint']}",
+           f"accuracy            {100 * result['accuracy']:6.2f}%",
+           f"mean class accuracy {100 * result['mean_class_accuracy']:6.2f}%",
+           f"macro F1            {100 * result['macro_f1']:6.2f}%",
+           f"{'class':<14}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>9}"]
+  for name, m in result["per_class"].items():
+    lines.append(f"{name:<14}{100 * m['precision']:9.2f}%{100 * m['recall']:9.2f}%"
+                 f"{100 * m['f1']:9.2f}%{m['support']:9d}")
+  lines.append(f"{result['images_per_sec']:.1f} images/s (including compilation)")
+  if result.get("num_skipped"):
+    lines.append(f"{result['num_skipped']} bad images skipped (data.on_bad_image='skip')")
+  return "\n".join(lines)
+
+
+def _main() -> None:
+  """absl entry point; flags are defined here so importing this module defines none."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Recipe file naming the data set (configs/*.py); default: the "
+      "training workdir's config.json.", lock_config=True)
+  ckpt = flags.DEFINE_string("checkpoint", None, "Checkpoint dir or training workdir.")
+  split = flags.DEFINE_string("split", None, "Data split (default config.data.test_split).")
+  tta = flags.DEFINE_bool("tta_flip", False, "Average softmax of image and its mirror.")
+  preds_csv = flags.DEFINE_string("predictions_csv", None, "Write per-image predictions.")
+  output = flags.DEFINE_string("output", None, "Folder for confusion.png/json, metrics.json.")
+  bs = flags.DEFINE_integer("batch_size", None, "Global eval batch (default from config).")
+  progress = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.mark_flag_as_required("checkpoint")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # no orbax/XLA INFO lines
+    try:
+      result = evaluate_checkpoint(
+          config.value, ckpt.value, split.value, tta.value, output.value, preds_csv.value,
+          bs.value, progress.value,
+          on_warning=lambda w: print(f"warning: {w}", file=sys.stderr, flush=True))
+    except (ValueError, OSError) as e:  # DataError, CheckpointError are ValueErrors
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(format_report(result))
+    if output.value:
+      print(f"wrote {os.path.join(output.value, 'confusion.png')}, confusion.json, "
+            f"metrics.json")
+    if preds_csv.value:
+      print(f"wrote {preds_csv.value}")
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _main()

@@ -26,9 +26,13 @@ def normalize_global(eps: float = 1e-12) -> optax.GradientTransformation:
 
 
 def epoch_decay(lr: float, gamma: float, steps_per_epoch: int) -> optax.Schedule:
-  """torch ExponentialLR stepped once per epoch: lr * gamma ** floor(step / steps_per_epoch)."""
-  return optax.exponential_decay(lr, transition_steps=max(1, steps_per_epoch),
-                                 decay_rate=gamma, staircase=True)
+  """torch ExponentialLR stepped once per epoch: lr * gamma ** floor(step / steps_per_epoch).
+
+  Written out rather than optax.exponential_decay, whose value is float32 even
+  under jax_enable_x64 (it would round lr and break float64 parity checks).
+  """
+  steps = max(1, steps_per_epoch)
+  return lambda count: lr * gamma ** (count // steps)
 
 
 def sam(base: optax.GradientTransformation, rho: float,

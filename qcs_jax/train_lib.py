@@ -175,7 +175,16 @@ def make_eval_step(model, mesh: Mesh):
 
 
 def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Host batch -> global array sharded along 'data' (each process passes its slice)."""
+  """Global host batch -> array sharded along 'data'.
+
+  Multi-host: every process builds the same global batch (the pipeline is a pure
+  function of (seed, epoch, step)) and contributes its contiguous slice. Simple
+  and exact; it decodes P times the images, which a per-process pipeline would avoid.
+  """
+  n, i = jax.process_count(), jax.process_index()
+  if n > 1:
+    per = x.shape[0] // n
+    x = x[i * per:(i + 1) * per]
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x)
 
 

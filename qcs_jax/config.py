@@ -83,8 +83,8 @@ def synthetic(model: str = "qcs") -> ml_collections.ConfigDict:
                 augment={"resize": 64, "rotate": 0, "crop": False, "hflip": True,
                          "jitter": (0.1, 0.1, 0.1, 0.0), "erase_scale": (),
                          "erase_p": 0.0})
-  c.data.synthetic.update(num_train=4000, num_test=1000, image_size=64,
-                          confound=("background",), label_noise=0.05)
+  c.data.synthetic.update(num_train=3000, num_test=1000, image_size=64,
+                          confound=(), label_noise=0.05)
   c.optim.update(lr=1e-3, gamma=0.9)
-  c.train.update(epochs=6, log_every=20, checkpoint_every=100)
+  c.train.update(epochs=2, log_every=20, checkpoint_every=100)
   return c

@@ -34,6 +34,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import json
@@ -83,8 +84,9 @@ def gpu_peak(device_kind: str) -> Optional[dict]:
 
 
 def model_config(args) -> dict:
-  import torch_reference as R  # pylint: disable=import-outside-toplevel
-  cfg = R.make_cfg(R.FULL_CFG, name=args.model, csa="s" if args.model == "dcs" else "sd")
+  """config.model of the paper's network (or the small preset); no torch import."""
+  from qcs_jax.convert import DEFAULT_MODEL_CFG  # pylint: disable=import-outside-toplevel
+  cfg = dict(DEFAULT_MODEL_CFG, name=args.model, csa="s" if args.model == "dcs" else "sd")
   if args.width == "small":
     cfg.update(SMALL_MODEL)
   if args.img_size:
@@ -164,11 +166,18 @@ def load_state_dict(path: str) -> dict:
     return {k: f[k] for k in f.files}
 
 
+def random_images(cfg: dict, batch: int, seed: int = 0,
+                  branches: Optional[int] = None) -> np.ndarray:
+  """Normal(0, 1) NHWC float32 images, (B, H, W, 3) or (B, nb, H, W, 3)."""
+  size = cfg["img_size"]
+  shape = (batch, size, size, 3) if branches is None else (batch, branches, size, size, 3)
+  return np.random.default_rng(seed).normal(0.0, 1.0, shape).astype(np.float32)
+
+
 def make_batch(cfg: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Train images (B, nb, H, W, 3) and labels (B, nb): y, y[, y_neg, y_neg]."""
-  import torch_reference as R  # pylint: disable=import-outside-toplevel
   nb = num_branches(cfg["name"])
-  images = R.random_images(cfg, batch, seed=seed, branches=nb)
+  images = random_images(cfg, batch, seed=seed, branches=nb)
   rng = np.random.default_rng(seed + 1)
   k = cfg["num_classes"]
   y = rng.integers(0, k, batch)
@@ -247,8 +256,7 @@ class JaxBench:
       n_images = images.shape[0] * images.shape[1]
     else:
       b = int(key.split(":")[1])
-      import torch_reference as R  # pylint: disable=import-outside-toplevel
-      images = R.random_images(self.cfg, b, seed=self.args.seed)
+      images = random_images(self.cfg, b, seed=self.args.seed)
       fn = tl.make_eval_step(self.model, self.mesh)
       v = jax.device_put(self.variables, self.jax.sharding.NamedSharding(
           self.mesh, self.jax.sharding.PartitionSpec()))
@@ -354,7 +362,7 @@ class TorchBench:
       n_images = images.shape[0] * nb
     else:
       b = int(key.split(":")[1])
-      x = R.to_nchw(R.random_images(self.cfg, b, seed=self.args.seed)).to(self.dev)
+      x = R.to_nchw(random_images(self.cfg, b, seed=self.args.seed)).to(self.dev)
       net = self.net.eval()
 
       def run():
@@ -510,8 +518,9 @@ def summarize(key: str, c: Contender, prep: dict, steps: list[dict], warm: list[
   return row
 
 
-def markdown_rows(rows: list[dict], args, load: tuple[float, float]) -> str:
-  date = datetime.date.today().isoformat()
+def markdown_rows(rows: list[dict], args, load: tuple[float, float],
+                  date: Optional[str] = None) -> str:
+  date = date or datetime.date.today().isoformat()
   out = []
   for r in rows:
     what = "train step (SAM+Adam)" if r["key"] == "train" else "inference"
@@ -526,7 +535,7 @@ def markdown_rows(rows: list[dict], args, load: tuple[float, float]) -> str:
     name = r["contender"] + (f" `{r['xla_flags']}`" if r["xla_flags"] else "")
     out.append(
         f"| {date} | {machine_line()}, load {load[0]:.1f}-{load[1]:.1f} | {name} | "
-        f"{r['versions']} | {args.model} {args.width} {args.img_size or ''} {args.dtype} | "
+        f"{r['versions']} | {args.model} {args.width} {args.img_size or (224 if args.width == 'paper' else 64)}px {args.dtype} | "
         f"{what} | {r['images']} | {r['ms_per_step']:.0f} | {r['images_per_s']:.2f} | "
         f"{r['cpu_s_per_step']:.1f} | {compile_s} | {mem} | {flops} | {mfu} |")
   return "\n".join(out)
@@ -538,14 +547,22 @@ MD_HEADER = ("| date | machine | contender | versions | model | what | images/st
 
 
 def print_table(rows: list[dict]) -> None:
-  print(f"\n{'contender':<28} {'what':<9} {'img':>4} {'ms/step':>9} {'img/s':>8} {'cpu s':>7} "
-        f"{'min-max ms':>15} {'RSS MiB':>8} {'compile':>8} {'GFLOP/img':>9} {'loss@1':>9}")
+  print(f"\n{'contender':<22} {'what':<9} {'img':>4} {'ms/step':>9} {'img/s':>8} {'cpu s':>7} "
+        f"{'min-max ms':>15} {'RSS MiB':>8} {'compile':>8} {'GFLOP/step':>10} {'GFLOP/img':>9} "
+        f"{'GFLOP/s':>8} {'loss@1':>9}")
   for r in rows:
     comp = f"{r['lower_s'] + r['compile_s']:.1f}" if "compile_s" in r else "-"
-    gf = f"{r['gflop_per_image']:.2f}" if "gflop_per_image" in r else "-"
-    print(f"{r['contender']:<28} {r['key']:<9} {r['images']:>4} {r['ms_per_step']:>9.1f} "
+    if "gflop_per_image" in r:
+      gf = (f"{r['flops'] / 1e9:>10.1f} {r['gflop_per_image']:>9.2f} "
+            f"{r['achieved_flops'] / 1e9:>8.1f}")
+    elif r.get("torch_flops"):  # FlopCounterMode: matmuls/convs only
+      gf = (f"{r['torch_flops'] / 1e9:>9.1f}* {r['torch_flops'] / r['images'] / 1e9:>8.2f}* "
+            f"{r['torch_flops'] / 1e9 / (r['ms_per_step'] / 1e3):>7.1f}*")
+    else:
+      gf = f"{'-':>10} {'-':>9} {'-':>8}"
+    print(f"{r['contender']:<22} {r['key']:<9} {r['images']:>4} {r['ms_per_step']:>9.1f} "
           f"{r['images_per_s']:>8.2f} {r['cpu_s_per_step']:>7.2f} "
-          f"{r['ms_min']:>7.0f}-{r['ms_max']:<7.0f} {r['rss_peak_mib']:>8.0f} {comp:>8} {gf:>9} "
+          f"{r['ms_min']:>7.0f}-{r['ms_max']:<7.0f} {r['rss_peak_mib']:>8.0f} {comp:>8} {gf} "
           f"{r['first_loss']:>9.5f}")
     if "mfu" in r:
       print(f"    {r['achieved_flops'] / 1e12:.2f} TFLOP/s, MFU {100 * r['mfu']:.1f}% "
@@ -553,6 +570,8 @@ def print_table(rows: list[dict]) -> None:
     if "xla_bytes" in r:
       xb = {k: f"{v / 2**20:.0f}" for k, v in r["xla_bytes"].items()}
       print(f"    XLA buffers MiB: {xb}")
+  print("(GFLOP from XLA's cost analysis; * = torch FlopCounterMode, matmuls and convolutions "
+        "only; loss@1 = first step's loss, or logits[0, 0] for inference)")
 
 
 def parent_main(args) -> None:
@@ -606,8 +625,20 @@ def parent_main(args) -> None:
     print("\n" + MD_HEADER + "\n" + markdown_rows(rows, args, load))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(rows=rows, load=load, machine=machine_line(), args=vars(args)), f,
+      json.dump(dict(rows=rows, load=load, machine=machine_line(), args=vars(args),
+                     date=datetime.date.today().isoformat()), f,
                 indent=1, default=str)
+
+
+def report_main(args) -> None:
+  """Re-prints the table and markdown rows of a saved --json result."""
+  with open(args.report) as f:
+    saved = json.load(f)
+  run = argparse.Namespace(**saved["args"])
+  print_table(saved["rows"])
+  if args.markdown:
+    print("\n" + MD_HEADER + "\n" + markdown_rows(saved["rows"], run, tuple(saved["load"]),
+                                                   saved.get("date")))
 
 
 # ----------------------------------------------------------------------------- profile
@@ -727,6 +758,223 @@ def profile_main(args) -> None:
                      top=[(n, o, d) for (n, o), d in per_op.most_common(args.top)]), f, indent=1)
 
 
+# ----------------------------------------------------------------------------- parts
+
+
+def _median_time(fn: Callable[[], Any], warmup: int, steps: int) -> tuple[float, float]:
+  for _ in range(warmup):
+    fn()
+  rs = [timed(fn) for _ in range(steps)]
+  return (statistics.median(r["wall_s"] for r in rs), statistics.median(r["cpu_s"] for r in rs))
+
+
+def jax_parts(args, cfg: dict, sd: dict) -> dict[str, tuple[Callable[[], Any], float]]:
+  """Forward+backward of each part of one SAM pass, jitted alone, on the step's shapes.
+
+  Every part takes the gradient of its parameters AND of its inputs (what backprop
+  through the whole network needs), with random cotangents. The optimizer part is
+  SAM's normalise/perturb plus Adam (tx.update with both gradients given).
+  Returns part -> (run once, compile seconds).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  bench = JaxBench(args, cfg, sd)
+  m, v = bench.model, bench.variables
+  params, stats = v["params"], v["batch_stats"]
+  images, _ = make_batch(bench.cfg, args.batch, args.seed)
+  b, nb = images.shape[:2]
+  x = jnp.asarray(images.reshape((b * nb,) + images.shape[2:]))
+  rng = np.random.default_rng(0)
+
+  def cot(tree):
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), tree)
+
+  def part(fn, p, *inputs, mutable=False):
+    """jit(grad of <cotangent, fn(p, *inputs)>) w.r.t. p and the float inputs."""
+    out = jax.eval_shape(fn, p, *inputs)
+    c = cot(out)
+    diff = tuple(range(1 + len(inputs)))
+
+    def loss(p, *xs):
+      y = fn(p, *xs)
+      return sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32))
+                 for a, b in zip(jax.tree.leaves(y), jax.tree.leaves(c)))
+    return jax.jit(jax.grad(loss, argnums=diff)), (p,) + inputs
+
+  def sub(name):
+    return {"params": params[name]}
+
+  def apply_method(method, mutable=()):
+    def fn(p, *xs):
+      out = m.apply({"params": p, "batch_stats": stats}, *xs, method=method,
+                    mutable=list(mutable))
+      return out[0] if mutable else out
+    return fn
+
+  fwd_base = jax.jit(lambda v, x: m.apply(v, x, method=lambda mm, x: mm.base_forward(
+      x, train=True, groups=nb), mutable=["batch_stats"])[0])
+  _, tokens, (x1, x2, x3) = fwd_base(v, x)
+  tokens4 = tokens.reshape((b, nb) + tokens.shape[1:])
+  jobs = {
+      "backbone (ir_back)": part(apply_method(
+          lambda mm, x: mm.ir_back(x, train=True, groups=nb), ["batch_stats"]), params, x),
+      "embed (conv1-3, embed_q/k/v)": part(apply_method(
+          lambda mm, a, b_, c: mm.embed(a, b_, c)), params, x1, x2, x3),
+      "VIT_base": part(apply_method(lambda mm, t: mm.VIT_base(t, train=True)), params, tokens),
+  }
+  if cfg["name"] != "baseline":
+    def cross_only(mm, t4):
+      levels = jnp.split(t4, 3, axis=2)
+      mods = (mm.cross_attention_1, mm.cross_attention_2, mm.cross_attention_3)
+      return t4 + jnp.concatenate([mod(lv) for mod, lv in zip(mods, levels)], axis=2)
+    jobs["cross modules + CSA"] = part(apply_method(cross_only), params, tokens4)
+    jobs["VIT_cross"] = part(apply_method(lambda mm, u: mm.VIT_cross(u, train=True)), params,
+                             tokens)
+  grads = cot(params)
+  opt_state = bench.tx.init(params)
+
+  def opt_step(p, g, s):
+    updates, s = bench.tx.update(g, s, p, grad_fn=lambda q, i: g)
+    return optax.apply_updates(p, updates), s
+  jobs["optimizer (SAM perturb + Adam)"] = (jax.jit(opt_step), (params, grads, opt_state))
+  out = {}
+  for name, (fn, fargs) in jobs.items():
+    t0 = time.perf_counter()
+    compiled = fn.lower(*fargs).compile()
+    out[name] = (functools.partial(_run_blocking, jax, compiled, fargs),
+                 time.perf_counter() - t0)
+  return out
+
+
+def _run_blocking(jax, compiled, fargs):
+  return jax.block_until_ready(compiled(*fargs))
+
+
+def torch_parts(args, cfg: dict, sd: dict) -> dict[str, tuple[Callable[[], Any], float]]:
+  """The same parts on the PyTorch reference (ir_back called once per branch, as it does)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  tb = TorchBench(args, cfg, sd)
+  R, net = tb.R, tb.net
+  net.load_state_dict(tb.state_dict)
+  net.train()
+  images, _ = make_batch(cfg, args.batch, args.seed)
+  b, nb = images.shape[:2]
+  branches = [R.to_nchw(images[:, i]) for i in range(nb)]
+  gen = torch.Generator().manual_seed(0)
+
+  def backward(outs, inputs):
+    outs = [o for o in outs if o.requires_grad]
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=gen) for o in outs])
+    for t in inputs:
+      t.grad = None
+    net.zero_grad(set_to_none=True)
+
+  def leaf(t):
+    return t.detach().requires_grad_(True)
+
+  with torch.no_grad():
+    feats = [net.ir_back(x) for x in branches]
+    toks = []
+    for x1, x2, x3 in feats:
+      t1 = net.embed_q(net.conv1(x1)).flatten(2).transpose(1, 2)
+      t2 = net.embed_k(net.conv2(x2)).flatten(2).transpose(1, 2)
+      t3 = net.embed_v(net.conv3(x3))
+      toks.append(torch.cat([t1, t2, t3], 1))
+    vit_out = [net.VIT_base(t)[1] for t in toks]
+  feats = [[leaf(t) for t in f] for f in feats]
+  toks = [leaf(t) for t in toks]
+  vit_out = [leaf(t) for t in vit_out]
+
+  def backbone():
+    backward([y for x in branches for y in net.ir_back(x)], [])
+
+  def embed():
+    outs = []
+    for x1, x2, x3 in feats:
+      outs += [net.embed_q(net.conv1(x1)), net.embed_k(net.conv2(x2)), net.embed_v(net.conv3(x3))]
+    backward(outs, [t for f in feats for t in f])
+
+  def vit_base():
+    backward([y for t in toks for y in net.VIT_base(t)], toks)
+
+  n = vit_out[0].shape[1] // 3
+
+  def cross():
+    outs = []
+    for level in range(3):
+      mod = getattr(net, f"cross_attention_{level + 1}")
+      outs += mod(*[t[:, level * n:(level + 1) * n] for t in vit_out])
+    backward(outs, vit_out)
+
+  def vit_cross():
+    backward([net.VIT_cross(t)[0] for t in vit_out], vit_out)
+
+  params = [p for p in net.parameters()]
+  opt = torch.optim.Adam(params, lr=4e-6)
+  grads = [torch.randn(p.shape, generator=gen) for p in params]
+
+  def optimizer():
+    with torch.no_grad():
+      for p, g in zip(params, grads):
+        p.grad = g
+      norm = torch.sqrt(sum(torch.sum(g * g) for g in grads))
+      es = []
+      for p, g in zip(params, grads):
+        e = 0.05 * g / (norm + 1e-12)
+        p.add_(e)
+        es.append(e)
+      for p, e in zip(params, es):
+        p.sub_(e)
+    opt.step()
+
+  return {"backbone (ir_back)": (backbone, 0.0), "embed (conv1-3, embed_q/k/v)": (embed, 0.0),
+          "VIT_base": (vit_base, 0.0), "cross modules + CSA": (cross, 0.0),
+          "VIT_cross": (vit_cross, 0.0), "optimizer (SAM perturb + Adam)": (optimizer, 0.0)}
+
+
+def parts_main(args) -> None:
+  """Times each part of a training pass alone in this process (no worker processes)."""
+  cfg = model_config(args)
+  sd = load_state_dict(weights_file(cfg, args.seed))
+  nb = num_branches(cfg["name"])
+  print(f"parts of one SAM pass: {args.model} {args.width}, {args.batch} anchors x {nb} "
+        f"branches; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  jobs = {}
+  if args.framework in ("jax", "both"):
+    jobs["jax"] = jax_parts(args, cfg, sd)
+  if args.framework in ("torch", "both"):
+    jobs["torch"] = torch_parts(args, cfg, sd)
+  results: dict[str, dict[str, dict]] = {k: {} for k in jobs}
+  names = list(next(iter(jobs.values())))
+  for name in names:
+    # The frameworks take turns, so a fluctuating machine load hits both alike.
+    samples = collections.defaultdict(list)
+    for i in range(args.warmup + args.steps):
+      for fw, parts in jobs.items():
+        r = timed(parts[name][0])
+        if i >= args.warmup:
+          samples[fw].append(r)
+    for fw in jobs:
+      walls = [r["wall_s"] for r in samples[fw]]
+      results[fw][name] = dict(ms=1e3 * statistics.median(walls), ms_min=1e3 * min(walls),
+                               cpu_s=statistics.median(r["cpu_s"] for r in samples[fw]),
+                               compile_s=jobs[fw][name][1])
+      print(f"  {fw:<6}{name:<32} {results[fw][name]['ms']:9.0f} ms (min "
+            f"{results[fw][name]['ms_min']:.0f})  cpu {results[fw][name]['cpu_s']:6.2f} s  "
+            f"compile {jobs[fw][name][1]:5.1f} s  load {load_average():.1f}", flush=True)
+  print(f"\n{'part (fwd+bwd, one pass), median ms':<38}" + "".join(f"{k:>10}" for k in jobs))
+  for name in names:
+    print(f"{name:<38}" + "".join(f"{results[k][name]['ms']:>10.0f}" for k in jobs))
+  print(f"{'sum: 2 x model parts + optimizer':<38}" + "".join(
+      f"{sum(v['ms'] * (1 if n.startswith('optimizer') else 2) for n, v in results[k].items()):>10.0f}"
+      for k in jobs))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(results=results, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                     load=load_average()), f, indent=1)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -756,6 +1004,9 @@ def parse_args(argv=None):
   ap.add_argument("--profile", action="store_true",
                   help="JAX only, in-process: trace --steps steps, time by part / op kind")
   ap.add_argument("--top", type=int, default=25, help="--profile: ops listed")
+  ap.add_argument("--parts", action="store_true",
+                  help="in-process: time backbone / embed / ViTs / cross+CSA / optimizer alone")
+  ap.add_argument("--report", default="", help="print the table (and --markdown rows) of a --json file")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--weights", default="", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -772,8 +1023,12 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   if args.worker:
     worker_main(args)
+  elif args.report:
+    report_main(args)
   elif args.profile:
     profile_main(args)
+  elif args.parts:
+    parts_main(args)
   else:
     parent_main(args)
 

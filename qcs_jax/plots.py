@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import matplotlib
 
@@ -60,9 +59,4 @@ def plot_curves(metrics_jsonl: str, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
-  return path
-
-
-def ensure_dir(path: str) -> str:
-  os.makedirs(path, exist_ok=True)
   return path

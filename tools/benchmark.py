@@ -2,8 +2,10 @@
 
   python tools/benchmark.py --framework both --model qcs --batch 2 --mode train
   python tools/benchmark.py --framework both --mode infer --infer_batch 1,16,64
-  python tools/benchmark.py --framework jax --variant ynn_conv_off=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
-  python tools/benchmark.py --profile --model qcs --batch 2      # where a JAX train step spends its time
+  python tools/benchmark.py --framework jax --mode train \
+      --variant ynn_conv_off=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+  python tools/benchmark.py --parts --framework both    # fwd+bwd time of each part, both sides
+  python tools/benchmark.py --profile --mode train      # XLA thunk times by part and op kind
 
 What runs:
 - train: one SAM step as the reference takes it (forward+backward at w, e = rho g /
@@ -196,7 +198,8 @@ class JaxBench:
 
   def __init__(self, args, cfg: dict, sd: dict):
     import jax  # pylint: disable=import-outside-toplevel
-    from qcs_jax import config as config_lib, convert, optim, train_lib  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from qcs_jax import config as config_lib, convert, optim, train_lib
     from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
     self.jax, self.train_lib = jax, train_lib
     self.args, self.cfg = args, dict(cfg, dtype=args.dtype)
@@ -375,8 +378,8 @@ class TorchBench:
     self.prepared[key] = run
     info: dict[str, Any] = dict(images=n_images)
     if self.args.torch_flops:
-      from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
-      counter = FlopCounterMode(display=False)
+      from torch.utils import flop_counter  # pylint: disable=import-outside-toplevel
+      counter = flop_counter.FlopCounterMode(display=False)
       with counter:
         run()
       info["torch_flops"] = float(counter.get_total_flops())
@@ -521,6 +524,7 @@ def summarize(key: str, c: Contender, prep: dict, steps: list[dict], warm: list[
 def markdown_rows(rows: list[dict], args, load: tuple[float, float],
                   date: Optional[str] = None) -> str:
   date = date or datetime.date.today().isoformat()
+  size = args.img_size or (224 if args.width == "paper" else 64)
   out = []
   for r in rows:
     what = "train step (SAM+Adam)" if r["key"] == "train" else "inference"
@@ -535,7 +539,7 @@ def markdown_rows(rows: list[dict], args, load: tuple[float, float],
     name = r["contender"] + (f" `{r['xla_flags']}`" if r["xla_flags"] else "")
     out.append(
         f"| {date} | {machine_line()}, load {load[0]:.1f}-{load[1]:.1f} | {name} | "
-        f"{r['versions']} | {args.model} {args.width} {args.img_size or (224 if args.width == 'paper' else 64)}px {args.dtype} | "
+        f"{r['versions']} | {args.model} {args.width} {size}px {args.dtype} | "
         f"{what} | {r['images']} | {r['ms_per_step']:.0f} | {r['images_per_s']:.2f} | "
         f"{r['cpu_s_per_step']:.1f} | {compile_s} | {mem} | {flops} | {mfu} |")
   return "\n".join(out)
@@ -650,7 +654,6 @@ PARTS = (("cross_attention", "cross/CSA"), ("VIT_cross", "VIT_cross"), ("VIT_bas
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
   """Instruction name -> op_name metadata; a fusion without one takes its body's first."""
-  comps: dict[str, str] = {}
   current = None
   first_in_comp: dict[str, str] = {}
   inst: dict[str, tuple[str, str, str]] = {}
@@ -676,7 +679,8 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 
 def classify(op_name: str, inst: str) -> tuple[str, str, str]:
-  part = "optimizer/other"
+  """(model part, fwd/bwd, op kind) of one HLO instruction."""
+  part = "optimizer/other" if op_name else "unattributed (no metadata)"
   for pat, label in PARTS:
     if pat in op_name:
       part = label
@@ -736,6 +740,8 @@ def profile_main(args) -> None:
   wall = 1e3 * statistics.median(walls)
   print(f"\nwall {wall:.0f} ms/step (median of {args.steps}); traced thunk time {total:.0f} ms/step"
         f" (thunks may overlap); trace at {path}")
+  print("Note: Eigen convolutions (the non-YNN path) run asynchronously on the intra-op pool and "
+        "appear only as their dispatch here; --parts times every part whatever runs it.")
   parts = collections.Counter()
   kinds = collections.Counter()
   for (part, direction, kind), d in by.items():
@@ -759,13 +765,6 @@ def profile_main(args) -> None:
 
 
 # ----------------------------------------------------------------------------- parts
-
-
-def _median_time(fn: Callable[[], Any], warmup: int, steps: int) -> tuple[float, float]:
-  for _ in range(warmup):
-    fn()
-  rs = [timed(fn) for _ in range(steps)]
-  return (statistics.median(r["wall_s"] for r in rs), statistics.median(r["cpu_s"] for r in rs))
 
 
 def jax_parts(args, cfg: dict, sd: dict) -> dict[str, tuple[Callable[[], Any], float]]:
@@ -966,9 +965,10 @@ def parts_main(args) -> None:
   print(f"\n{'part (fwd+bwd, one pass), median ms':<38}" + "".join(f"{k:>10}" for k in jobs))
   for name in names:
     print(f"{name:<38}" + "".join(f"{results[k][name]['ms']:>10.0f}" for k in jobs))
+  def step_sum(res):  # a step: every model part twice (two SAM passes), the optimizer once
+    return sum(v["ms"] * (1 if n.startswith("optimizer") else 2) for n, v in res.items())
   print(f"{'sum: 2 x model parts + optimizer':<38}" + "".join(
-      f"{sum(v['ms'] * (1 if n.startswith('optimizer') else 2) for n, v in results[k].items()):>10.0f}"
-      for k in jobs))
+      f"{step_sum(results[k]):>10.0f}" for k in jobs))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(results=results, xla_flags=os.environ.get("XLA_FLAGS", ""),
@@ -1006,7 +1006,8 @@ def parse_args(argv=None):
   ap.add_argument("--top", type=int, default=25, help="--profile: ops listed")
   ap.add_argument("--parts", action="store_true",
                   help="in-process: time backbone / embed / ViTs / cross+CSA / optimizer alone")
-  ap.add_argument("--report", default="", help="print the table (and --markdown rows) of a --json file")
+  ap.add_argument("--report", default="",
+                  help="print the table (and --markdown rows) of a --json file")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--weights", default="", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)

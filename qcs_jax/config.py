@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
       augment=recipe_augment("rafdb"),
       synthetic=dict(num_train=10000, num_test=2000, image_size=112, seed=0,
                      confound=(), label_noise=0.05))
-  c.optim = dict(lr=4e-6, rho=0.05, b1=0.9, b2=0.999, eps=1e-8, gamma=0.98, sam=True)
+  c.optim = dict(lr=4e-6, rho=0.05, b1=0.9, b2=0.999, eps=1e-8, gamma=0.98, sam=True,
+                 warmup_steps=0)
   c.train = dict(epochs=200, seed=0, log_every=50, checkpoint_every=500, keep=2,
                  allow_config_change=False, progress=True, eval_every=1,
                  stop_after_steps=0)
@@ -85,6 +86,7 @@ def synthetic(model: str = "qcs") -> ml_collections.ConfigDict:
                          "erase_p": 0.0})
   c.data.synthetic.update(num_train=3000, num_test=1000, image_size=64,
                           confound=(), label_noise=0.05)
-  c.optim.update(lr=1e-3, gamma=0.9)
-  c.train.update(epochs=2, log_every=20, checkpoint_every=100)
+  # From scratch, Adam at full rate can stall at ln(7) loss: warm up for ~1 epoch.
+  c.optim.update(lr=2e-3, gamma=0.85, warmup_steps=100)
+  c.train.update(epochs=8, log_every=20, checkpoint_every=100)
   return c

@@ -35,6 +35,20 @@ def epoch_decay(lr: float, gamma: float, steps_per_epoch: int) -> optax.Schedule
   return lambda count: lr * gamma ** (count // steps)
 
 
+def schedule(optim_cfg, steps_per_epoch: int) -> optax.Schedule:
+  """epoch_decay, times a linear warm-up over the first ``optim.warmup_steps`` steps.
+
+  The released recipes start from pretrained weights and use no warm-up (0 keeps
+  their schedule exactly); a network trained from scratch, like the demo's, can
+  stall at ln(K) loss when Adam starts at full rate, so the demo warms up.
+  """
+  decay = epoch_decay(optim_cfg.lr, optim_cfg.gamma, steps_per_epoch)
+  warmup = int(optim_cfg.get("warmup_steps", 0))
+  if warmup <= 0:
+    return decay
+  return lambda count: decay(count) * jnp.minimum(1.0, (count + 1) / warmup)
+
+
 def sam(base: optax.GradientTransformation, rho: float,
         eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
   """SAM (non-adaptive) around ``base``; ``update`` needs ``grad_fn(params, i) -> grads``."""
@@ -47,12 +61,11 @@ def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformat
 
   Either way ``update`` accepts ``grad_fn`` (plain Adam ignores it).
   """
-  schedule = epoch_decay(optim_cfg.lr, optim_cfg.gamma, steps_per_epoch)
-  adam = optax.adam(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
+  adam = optax.adam(schedule(optim_cfg, steps_per_epoch), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
   if not optim_cfg.sam:
     return optax.with_extra_args_support(adam)
   return sam(adam, optim_cfg.rho)
 
 
 def current_lr(optim_cfg, steps_per_epoch: int, step) -> jnp.ndarray:
-  return epoch_decay(optim_cfg.lr, optim_cfg.gamma, steps_per_epoch)(step)
+  return schedule(optim_cfg, steps_per_epoch)(step)

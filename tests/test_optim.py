@@ -71,6 +71,16 @@ def test_epoch_decay_is_per_epoch():
   np.testing.assert_allclose(float(sched(25)), 0.98 ** 2, rtol=1e-6)
 
 
+def test_warmup_ramps_then_decays_per_epoch():
+  cfg = ml_collections.ConfigDict(dict(lr=2.0, gamma=0.5, warmup_steps=4))
+  sched = optim.schedule(cfg, steps_per_epoch=10)
+  got = [float(sched(i)) for i in (0, 1, 3, 9, 10, 20)]
+  np.testing.assert_allclose(got, [0.5, 1.0, 2.0, 2.0, 1.0, 0.5], rtol=1e-6)
+  cfg.warmup_steps = 0  # the recipes' schedule, untouched
+  assert float(optim.schedule(cfg, 10)(0)) == 2.0
+  assert float(optim.current_lr(cfg, 10, 10)) == 1.0
+
+
 def test_make_optimizer_passes():
   cfg = ml_collections.ConfigDict(dict(lr=1e-3, gamma=0.98, b1=0.9, b2=0.999, eps=1e-8,
                                        rho=0.05, sam=True))

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qcs_jax import checkpoint as ckpt_io
 from qcs_jax import metrics as metrics_lib
+from qcs_jax import runtime
 from qcs_jax import train_lib
 
 # config.model fields that do not change the weights or the logits' meaning.
@@ -285,6 +286,7 @@ def _main() -> None:
     if preds_csv.value:
       print(f"wrote {preds_csv.value}")
 
+  runtime.set_cpu_xla_defaults()
   app.run(main)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from qcs_jax import faces, throughput
+from qcs_jax import faces, runtime, throughput
 from qcs_jax.data.sources import DataError
 # Re-exported: the tests give their models random weights through this module.
 from qcs_jax.throughput import benchmark, random_variables  # pylint: disable=unused-import
@@ -435,4 +435,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  runtime.set_cpu_xla_defaults()
   sys.exit(main())

@@ -5,7 +5,7 @@ Rerunning the same command on an existing workdir resumes it exactly.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qcs_jax import train_lib
+from qcs_jax import runtime, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
                                           lock_config=True)
@@ -24,4 +24,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.set_cpu_xla_defaults()
   app.run(main)

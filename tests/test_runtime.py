@@ -1,0 +1,39 @@
+"""The entry points' XLA_FLAGS defaults: added once, never over a user's own setting."""
+import os
+import subprocess
+import sys
+
+from qcs_jax import runtime
+
+
+def test_defaults_are_added_to_other_flags():
+  assert runtime.with_cpu_xla_defaults("--xla_dump_to=/tmp/x") == (
+      "--xla_dump_to=/tmp/x --xla_cpu_use_xnnpack=true")
+  assert runtime.with_cpu_xla_defaults("") == "--xla_cpu_use_xnnpack=true"
+
+
+def test_user_setting_wins_and_nothing_doubles():
+  assert runtime.with_cpu_xla_defaults("--xla_cpu_use_xnnpack=false") == (
+      "--xla_cpu_use_xnnpack=false")
+  once = runtime.with_cpu_xla_defaults("")
+  assert runtime.with_cpu_xla_defaults(once) == once
+
+
+def test_opt_out_leaves_environment_alone():
+  env = {"XLA_FLAGS": "--a=1", runtime.OPT_OUT: "0"}
+  runtime.set_cpu_xla_defaults(env)
+  assert env["XLA_FLAGS"] == "--a=1"
+  env = {}
+  runtime.set_cpu_xla_defaults(env)
+  assert env["XLA_FLAGS"] == "--xla_cpu_use_xnnpack=true"
+
+
+def test_xla_reads_flags_after_our_imports():
+  """The entry points set XLA_FLAGS after importing qcs_jax: XLA must read it later."""
+  code = ("import os, qcs_jax.train_lib, qcs_jax.evaluate, qcs_jax.predict\n"
+          "os.environ['XLA_FLAGS'] = '--qcs_jax_no_such_flag=1'\n"
+          "import jax.numpy as jnp\nprint(jnp.ones(1) + 1)\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert done.returncode != 0 and "qcs_jax_no_such_flag" in done.stderr, done.stderr[-2000:]

@@ -2,10 +2,11 @@
 
   python tools/benchmark.py --framework both --model qcs --batch 2 --mode train
   python tools/benchmark.py --framework both --mode infer --infer_batch 1,16,64
-  python tools/benchmark.py --framework jax --mode train \
-      --variant ynn_conv_off=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+  python tools/benchmark.py --framework both --mode train \
+      --variant xla_default=--xla_cpu_use_xnnpack=false
   python tools/benchmark.py --parts --framework both    # fwd+bwd time of each part, both sides
   python tools/benchmark.py --profile --mode train      # XLA thunk times by part and op kind
+  python tools/benchmark.py --roofline --steps 5        # the CPU's attainable GEMM rate
 
 What runs:
 - train: one SAM step as the reference takes it (forward+backward at w, e = rho g /
@@ -21,7 +22,8 @@ Both frameworks get the weights of one `build_reference(cfg, seed)` (converted f
 JAX with qcs_jax.convert.convert_model), the same images and labels; the first
 step's loss of each is printed so that a reader can see they compute the same thing.
 
-Each framework (and each `--variant`, a JAX run with extra XLA_FLAGS) runs in its own
+JAX runs with qcs_jax.runtime's CPU XLA flags, as the entry points do. Each framework
+(and each `--variant`, a JAX run with extra XLA_FLAGS) runs in its own
 worker process; the parent makes them take their steps in turn (A B C A B C ...), so
 a shared, fluctuating machine loads every contender alike. Reported per step, after
 warm-up: median wall time, images/s, CPU seconds (all threads; a load-independent
@@ -975,6 +977,37 @@ def parts_main(args) -> None:
                      load=load_average()), f, indent=1)
 
 
+# ----------------------------------------------------------------------------- roofline
+
+
+def roofline_main(args) -> None:
+  """The machine's attainable float32 rate: the best of square GEMMs in both frameworks.
+
+  A train step's FLOP/s against this says how much room any framework has left.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(args.threads)
+  rows = []
+  for n in (1024, 2048, 4096):
+    a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+    ja = jax.device_put(a)
+    jmm = jax.jit(lambda x: x @ x)
+    jmm(ja).block_until_ready()
+    ta = torch.from_numpy(a)
+    fns = {"jax": lambda: jmm(ja).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}
+    for name, fn in fns.items():
+      fn()
+      best = min(timed(fn)["wall_s"] for _ in range(args.steps))
+      rows.append((name, n, 2 * n ** 3 / best / 1e9))
+      print(f"  {name:<6} {n}x{n} float32 GEMM: {rows[-1][2]:7.1f} GFLOP/s (best of "
+            f"{args.steps})", flush=True)
+  best = max(rows, key=lambda r: r[2])
+  print(f"attainable float32 rate on {machine_line()}: {best[2]:.1f} GFLOP/s "
+        f"({best[0]}, {best[1]}x{best[1]})")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -1006,6 +1039,8 @@ def parse_args(argv=None):
   ap.add_argument("--top", type=int, default=25, help="--profile: ops listed")
   ap.add_argument("--parts", action="store_true",
                   help="in-process: time backbone / embed / ViTs / cross+CSA / optimizer alone")
+  ap.add_argument("--roofline", action="store_true",
+                  help="best float32 GEMM GFLOP/s of both frameworks: the machine's ceiling")
   ap.add_argument("--report", default="",
                   help="print the table (and --markdown rows) of a --json file")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -1022,6 +1057,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if (args.worker and args.framework == "jax") or args.profile or args.parts or args.roofline:
+    # What the entry points run with (a --variant's own XLA_FLAGS win).
+    from qcs_jax import runtime  # pylint: disable=import-outside-toplevel
+    runtime.set_cpu_xla_defaults()
   if args.worker:
     worker_main(args)
   elif args.report:
@@ -1030,6 +1069,8 @@ def main(argv=None) -> None:
     profile_main(args)
   elif args.parts:
     parts_main(args)
+  elif args.roofline:
+    roofline_main(args)
   else:
     parent_main(args)
 

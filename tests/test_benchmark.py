@@ -1,0 +1,58 @@
+"""tools/benchmark.py end to end on a small network: both frameworks, one inference
+batch and one SAM train step, the same weights on both sides."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--framework", "both",
+         "--model", "dcs", "--width", "small", "--img_size", "32", "--batch", "2",
+         "--infer_batch", "3", "--steps", "2", "--warmup", "1", "--threads", "1",
+         "--json", str(out), "--markdown"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f), done.stdout
+
+
+def test_both_frameworks_compute_the_same_thing(bench_json):
+  saved, _ = bench_json
+  rows = {(r["framework"], r["key"]): r for r in saved["rows"]}
+  assert set(rows) == {("jax", "train"), ("torch", "train"), ("jax", "infer:3"),
+                       ("torch", "infer:3")}
+  # The first train loss (before any update) and logits[0, 0] of inference agree.
+  for key in ("train", "infer:3"):
+    j, t = rows[("jax", key)]["first_loss"], rows[("torch", key)]["first_loss"]
+    assert abs(j - t) <= 1e-4 * max(1.0, abs(t)), (key, j, t)
+  assert rows[("jax", "train")]["images"] == 4  # DCS: 2 anchors x 2 branches
+  for r in saved["rows"]:
+    assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["rss_peak_mib"] > 0
+  assert rows[("jax", "train")]["flops"] > 0  # XLA cost analysis
+
+
+def test_markdown_rows_name_machine_versions_and_date(bench_json):
+  saved, stdout = bench_json
+  assert benchmark.MD_HEADER.splitlines()[0] in stdout
+  md = [l for l in stdout.splitlines() if l.startswith(f"| {saved['date']} |")]
+  assert len(md) == 4
+  assert any("torch 2." in l for l in md) and any("jax 0." in l for l in md)
+  assert all("dcs small 32px float32" in l for l in md)
+
+
+def test_gpu_peak_table():
+  assert benchmark.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
+  assert benchmark.gpu_peak("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756e12)
+  assert benchmark.gpu_peak("NVIDIA H200")["tf32"] == pytest.approx(494.7e12)
+  assert benchmark.gpu_peak("cpu") is None

@@ -7,6 +7,7 @@ same parameters on any device count (tests/test_train.py checks 8 vs 1).
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -326,6 +327,15 @@ def _check_finite(pending: list, epoch: int, mngr) -> None:
           f"checkpoint (step {last}) is kept; lower --config.optim.lr or check the data.")
 
 
+STEPS_IN_FLIGHT = 4  # the demo: 1 gave 272 images/s, 4 gave 308, unbounded 313 (2 cores)
+
+
+def _advance(bar, position: int) -> None:
+  """Moves a tqdm bar forward to ``position`` finished steps."""
+  if position > bar.n:
+    bar.update(position - bar.n)
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains cfg in workdir, resuming from its latest checkpoint; returns the best eval row."""
   from tqdm import tqdm
@@ -392,14 +402,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       start = meta["step_in_epoch"] if epoch == meta["epoch"] else 0
       bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                  unit="step", disable=not cfg.train.progress, dynamic_ncols=True)
-      pending, t0, done = [], time.perf_counter(), 0
+      pending, t0, done, in_flight = [], time.perf_counter(), 0, collections.deque()
       for i, batch in zip(range(start, steps), batches):
         state, m = train_step(state, shard_batch(batch["image"], mesh),
                               shard_batch(batch["label"], mesh))
+        # A few steps in flight (the host prepares batches ahead), and the bar counts
+        # finished steps, so its rate and ETA are true.
+        in_flight.append(m)
+        if len(in_flight) > STEPS_IN_FLIGHT:
+          jax.block_until_ready(in_flight.popleft())
+          _advance(bar, i + 1 - STEPS_IN_FLIGHT)
         gstep = epoch * steps + i + 1
         pending.append((gstep, m))
         done += 1
-        bar.update(1)
         last = i + 1 == steps
         if gstep % cfg.train.log_every == 0 or last:
           _check_finite(pending, epoch, mngr)
@@ -410,6 +425,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                  "lr": float(optim.current_lr(cfg.optim, steps, epoch * steps + i)),
                  "images_per_sec": rate}
           metrics_log.write(row)
+          _advance(bar, i + 1)
           bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
           pending = []
         if gstep % cfg.train.checkpoint_every == 0 and not last:  # last: saved after eval
@@ -423,6 +439,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           bar.close()
           print(f"stopping after step {gstep} (train.stop_after_steps)", flush=True)
           return best
+      _advance(bar, steps)
       bar.close()
       # Evaluation of the test split (inference path only) after each epoch.
       labels, preds, _, _ = evaluate(eval_step, state.variables, pipeline.eval_batches(

@@ -26,6 +26,7 @@ def tiny_config(model="qcs"):
   c.data.update(batch_size=8, eval_batch_size=32, workers=0)
   c.data.synthetic.update(num_train=72, num_test=24, image_size=64)
   c.train.update(epochs=2, log_every=1, checkpoint_every=2, progress=False)
+  c.optim.update(warmup_steps=0, gamma=0.9)  # the released schedule (warm-up: test_optim)
   return c
 
 

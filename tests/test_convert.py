@@ -269,12 +269,12 @@ def test_baseline_target_drops_cross_modules(env):
     {}, {'name': 'dcs', 'csa': 's'}, {'name': 'baseline'}])
 def test_own_shapes_match_the_model(overrides):
   cfg = R.make_cfg(**overrides)
-  own = convert._own_expected_shapes(convert._cfg_dict(cfg))
+  own = convert._own_expected_shapes(convert.model_cfg_dict(cfg))
   assert own == convert.model_expected_shapes(cfg)
 
 
 def test_own_shapes_match_the_model_full_size():
-  own = convert._own_expected_shapes(convert._cfg_dict(R.FULL_CFG))
+  own = convert._own_expected_shapes(convert.model_cfg_dict(R.FULL_CFG))
   assert own == convert.model_expected_shapes(R.FULL_CFG)
 
 
@@ -409,7 +409,7 @@ def test_save_and_load_variables(env, qcs_converted, tmp_path):
                             extra={'class_names': names, 'source': 'x'})
   got, cfg = checkpoint.load_variables(out)
   assert trees_equal(got, variables)
-  assert cfg == convert._cfg_dict(env.cfg)
+  assert cfg == convert.model_cfg_dict(env.cfg)
   with pytest.raises(checkpoint.CheckpointError, match='already exists'):
     checkpoint.save_variables(out, variables, env.cfg)
   loaded = checkpoint.load_model(out)
@@ -532,7 +532,7 @@ def test_cli_full(env, tmp_path, capsys):
                        'train_cross'}
   assert max(errs.values()) <= TOL32, errs
   got, cfg = checkpoint.load_variables(out)
-  assert cfg == convert._cfg_dict(env.dcs_cfg)
+  assert cfg == convert.model_cfg_dict(env.dcs_cfg)
   sd, _ = convert.load_torch_file(env.dir / 'dcs_full.pth')
   assert trees_equal(got, convert.convert_model(sd, env.dcs_cfg)[0])
   # Refusals end with exit status 2 and write nothing.

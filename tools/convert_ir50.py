@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from qcs_jax import checkpoint, convert  # pylint: disable=wrong-import-position
+from qcs_jax import checkpoint, convert, verify  # pylint: disable=wrong-import-position
 
 _INT_FIELDS = ('num_classes', 'img_size', 'embed_dim', 'num_heads',
                'base_depth', 'cross_depth')
@@ -88,7 +88,7 @@ def model_config(args: argparse.Namespace, sd) -> tuple[dict[str, Any], str]:
   cfg.update(overrides)
   if overrides:
     origin += f', overridden: {sorted(overrides)}'
-  return convert._cfg_dict(cfg), origin  # pylint: disable=protected-access
+  return convert.model_cfg_dict(cfg), origin
 
 
 def import_reference():
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.verify:
     reference = import_reference()
     if reference is not None:
-      errors = convert.verify_against_torch(sd, variables, cfg, reference,
+      errors = verify.verify_against_torch(sd, variables, cfg, reference,
                                             full=args.full)
       tol = 1e-10 if args.float64 else 1e-4
       for k, e in errors.items():

@@ -61,7 +61,8 @@ def make_optimizer(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformat
 
   Either way ``update`` accepts ``grad_fn`` (plain Adam ignores it).
   """
-  adam = optax.adam(schedule(optim_cfg, steps_per_epoch), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
+  adam = optax.adam(schedule(optim_cfg, steps_per_epoch), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                    eps=optim_cfg.eps)
   if not optim_cfg.sam:
     return optax.with_extra_args_support(adam)
   return sam(adam, optim_cfg.rho)

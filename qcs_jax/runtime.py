@@ -1,7 +1,7 @@
 """Process-wide XLA settings the command-line entry points apply before JAX starts.
 
 XLA's default CPU convolutions (YNNPACK fusions in jaxlib 0.10) run IR50's
-forward+backward ~1.6x slower than XNNPACK's; with XNNPACK a full-size QCS train
+forward+backward ~1.5x slower than XNNPACK's; with XNNPACK a full-size QCS train
 step on CPU matches PyTorch's (docs/BENCHMARKS.md). GPU and TPU backends ignore
 ``xla_cpu_*`` flags.
 """

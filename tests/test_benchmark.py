@@ -56,3 +56,14 @@ def test_gpu_peak_table():
   assert benchmark.gpu_peak("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756e12)
   assert benchmark.gpu_peak("NVIDIA H200")["tf32"] == pytest.approx(494.7e12)
   assert benchmark.gpu_peak("cpu") is None
+
+
+def test_roofline_reports_the_best_gemm_rate(capsys, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() appends to it
+  benchmark.main(["--roofline", "--roofline_sizes", "128,256", "--steps", "2",
+                  "--threads", "1"])
+  out = capsys.readouterr().out
+  rates = [float(l.split(":")[1].split()[0]) for l in out.splitlines() if "GEMM:" in l]
+  assert len(rates) == 4 and all(r > 0 for r in rates)  # 2 sizes x 2 frameworks
+  best = [l for l in out.splitlines() if l.startswith("attainable float32 rate")]
+  assert len(best) == 1 and f"{max(rates):.1f} GFLOP/s" in best[0]

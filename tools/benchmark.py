@@ -986,19 +986,16 @@ def roofline_main(args) -> None:
   A train step's FLOP/s against this says how much room any framework has left.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(args.threads)
+  jmm = jax.jit(lambda x: x @ x)
   rows = []
-  for n in (1024, 2048, 4096):
+  for n in args.roofline_sizes:
     a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
-    ja = jax.device_put(a)
-    jmm = jax.jit(lambda x: x @ x)
-    jmm(ja).block_until_ready()
-    ta = torch.from_numpy(a)
+    ja, ta = jax.device_put(a), torch.from_numpy(a)
     fns = {"jax": lambda: jmm(ja).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}
     for name, fn in fns.items():
-      fn()
+      fn()  # compiles (JAX) and warms up
       best = min(timed(fn)["wall_s"] for _ in range(args.steps))
       rows.append((name, n, 2 * n ** 3 / best / 1e9))
       print(f"  {name:<6} {n}x{n} float32 GEMM: {rows[-1][2]:7.1f} GFLOP/s (best of "
@@ -1041,12 +1038,14 @@ def parse_args(argv=None):
                   help="in-process: time backbone / embed / ViTs / cross+CSA / optimizer alone")
   ap.add_argument("--roofline", action="store_true",
                   help="best float32 GEMM GFLOP/s of both frameworks: the machine's ceiling")
+  ap.add_argument("--roofline_sizes", default="1024,2048,4096", help="--roofline: GEMM sizes n")
   ap.add_argument("--report", default="",
                   help="print the table (and --markdown rows) of a --json file")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--weights", default="", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   args.infer_batch = [int(b) for b in str(args.infer_batch).split(",") if b]
+  args.roofline_sizes = [int(n) for n in str(args.roofline_sizes).split(",") if n]
   # What a worker needs to rebuild the same model and batch.
   args.passthrough = ["--model", args.model, "--batch", str(args.batch), "--img_size",
                       str(args.img_size), "--width", args.width, "--dtype", args.dtype,

@@ -121,12 +121,12 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 def _check_shapes(variables: Mapping[str, Any], model_cfg: dict[str, Any],
                   kind: str, where: str) -> None:
   """Every leaf present with the shape `build_model(model_cfg)` creates."""
-  from qcs_jax import convert  # pylint: disable=import-outside-toplevel
-  expected = convert.expected_shapes(model_cfg)
+  from qcs_jax.models import shapes  # pylint: disable=import-outside-toplevel
+  expected = shapes.expected_shapes(model_cfg)
   if kind == 'backbone':
     expected = {p: s for p, s in expected.items() if p[1] == 'ir_back'}
   got = {p: tuple(np.shape(v)) for p, v in
-         convert.flatten_tree(variables).items()}
+         shapes.flatten_tree(variables).items()}
   missing = sorted(set(expected) - set(got))
   extra = sorted(set(got) - set(expected))
   bad = [p for p in expected if p in got and got[p] != expected[p]]

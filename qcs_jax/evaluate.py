@@ -25,9 +25,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qcs_jax import checkpoint as ckpt_io
-from qcs_jax import metrics as metrics_lib
+from qcs_jax.training import metrics as metrics_lib
 from qcs_jax import runtime
-from qcs_jax import train_lib
+from qcs_jax.training import train_lib
 
 # config.model fields that do not change the weights or the logits' meaning.
 _RUNTIME_FIELDS = ("dtype", "base_drop", "cross_drop", "base_proj_drop", "cross_proj_drop")
@@ -160,7 +160,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
     checkpoint, tta_flip, images_per_sec, num_skipped, warnings, and numpy arrays
     index, labels, preds, probs (not JSON-written).
   """
-  from qcs_jax import plots  # pylint: disable=import-outside-toplevel
+  from qcs_jax.training import plots  # pylint: disable=import-outside-toplevel
   from qcs_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
 
   ckpt_dir = resolve_checkpoint(checkpoint)
@@ -249,7 +249,7 @@ def format_report(result: dict) -> str:
   return "\n".join(lines)
 
 
-def _main() -> None:
+def run() -> None:
   """absl entry point; flags are defined here so importing this module defines none."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
@@ -291,4 +291,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-  _main()
+  run()

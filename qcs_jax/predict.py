@@ -28,10 +28,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from qcs_jax import faces, runtime, throughput
+from qcs_jax import runtime
+from qcs_jax.apps import faces, throughput
 from qcs_jax.data.sources import DataError
 # Re-exported: the tests give their models random weights through this module.
-from qcs_jax.throughput import benchmark, random_variables  # pylint: disable=unused-import
+from qcs_jax.apps.throughput import benchmark, random_variables  # pylint: disable=unused-import
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
@@ -434,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `qcs-predict`."""
   runtime.set_cpu_xla_defaults()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

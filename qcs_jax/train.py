@@ -5,7 +5,8 @@ Rerunning the same command on an existing workdir resumes it exactly.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qcs_jax import runtime, train_lib
+from qcs_jax import runtime
+from qcs_jax.training import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
                                           lock_config=True)
@@ -23,6 +24,11 @@ def main(argv):
           f"{best['best_epoch']}; model in {_WORKDIR.value}/best")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `qcs-train`."""
   runtime.set_cpu_xla_defaults()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

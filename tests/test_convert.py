@@ -16,19 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as R
-from qcs_jax import checkpoint, convert, models
+from qcs_jax.interop import reference as R
+from qcs_jax import checkpoint, models
+from qcs_jax.interop import converter as convert
 
 TOL32 = 1e-5
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_cli():
-  spec = importlib.util.spec_from_file_location(
-      'convert_ir50_cli', REPO / 'tools' / 'convert_ir50.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from qcs_jax import convert as cli  # pylint: disable=import-outside-toplevel
+  return cli
 
 
 @functools.lru_cache(maxsize=None)
@@ -263,19 +261,6 @@ def test_baseline_target_drops_cross_modules(env):
   assert 'VIT_cross' not in variables['params']
   assert report.ignored[convert._NOT_IN_BASELINE]
   assert not report.unknown
-
-
-@pytest.mark.parametrize('overrides', [
-    {}, {'name': 'dcs', 'csa': 's'}, {'name': 'baseline'}])
-def test_own_shapes_match_the_model(overrides):
-  cfg = R.make_cfg(**overrides)
-  own = convert._own_expected_shapes(convert.model_cfg_dict(cfg))
-  assert own == convert.model_expected_shapes(cfg)
-
-
-def test_own_shapes_match_the_model_full_size():
-  own = convert._own_expected_shapes(convert.model_cfg_dict(R.FULL_CFG))
-  assert own == convert.model_expected_shapes(R.FULL_CFG)
 
 
 def test_infer_model_config(env):

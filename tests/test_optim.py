@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from qcs_jax import losses, optim
+from qcs_jax.training import losses, optim
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as R
-from qcs_jax import convert, models
+from qcs_jax.interop import reference as R
+from qcs_jax import models
+from qcs_jax.interop import converter as convert
 
 TOL32, TOL32_MAPS, TOL64 = 1e-5, 5e-5, 1e-10
 INFERENCE_PATH = ('ir_back', 'conv1', 'conv2', 'conv3', 'embed_q', 'embed_k',
@@ -148,12 +149,12 @@ def test_parameter_counts(full_qcs):
       p.numel() for k, p in ref.named_parameters()
       if k.split('.')[0] in INFERENCE_PATH and
       not any(re.search(u, k) for u in unused))
-  shapes = convert.model_expected_shapes(cfg)
+  shapes = convert.expected_shapes(cfg)
   assert _count(shapes) == used
   assert _count(shapes, INFERENCE_PATH) == infer_used
-  dcs = convert.model_expected_shapes(dict(cfg, name='dcs', csa='s'))
+  dcs = convert.expected_shapes(dict(cfg, name='dcs', csa='s'))
   assert _count(dcs) == used - 3  # no theta
-  base = convert.model_expected_shapes(dict(cfg, name='baseline'))
+  base = convert.expected_shapes(dict(cfg, name='baseline'))
   assert _count(base) == infer_used
   print(f'PyTorch {total:,} parameters, {total - used:,} never used; Flax '
         f'QCS {used:,}, inference path {infer_used:,}')

@@ -8,7 +8,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import checkpoint, evaluate, faces, predict
+from qcs_jax import checkpoint, evaluate, predict
+from qcs_jax.apps import faces
 from qcs_jax.data import synthetic, transforms
 from qcs_jax.models import build_model
 

@@ -13,7 +13,7 @@ import pytest
 
 from qcs_jax import checkpoint as ckpt_io
 from qcs_jax import config as config_lib
-from qcs_jax import optim, train_lib
+from qcs_jax.training import optim, train_lib
 from qcs_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

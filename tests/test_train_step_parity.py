@@ -1,4 +1,4 @@
-"""One full SAM + Adam training step: qcs_jax.train_lib vs the PyTorch reference, float64.
+"""One full SAM + Adam training step: qcs_jax.training.train_lib vs the PyTorch reference, float64.
 
 Both frameworks start from the same weights (PyTorch reference -> qcs_jax.convert)
 and see the same batch, dropout 0. The PyTorch step is written out here as the
@@ -23,9 +23,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import torch_reference as R
+from qcs_jax.interop import reference as R
 from qcs_jax import config as config_lib
-from qcs_jax import convert, optim, train_lib
+from qcs_jax.interop import converter as convert
+from qcs_jax.training import optim, train_lib
 from qcs_jax.models import build_model
 
 TOL64 = 1e-10

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qcs_jax import checkpoint, predict, visualize
+from qcs_jax import checkpoint, predict
+from qcs_jax.apps import csa_maps as visualize
 from qcs_jax.data import synthetic
 from qcs_jax.models import build_model
 
@@ -23,11 +24,8 @@ def _save(tmp_path, name, csa):
 
 
 def _tool():
-  spec = importlib.util.spec_from_file_location(
-      "visualize_csa", os.path.join(REPO, "tools", "visualize_csa.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  from qcs_jax import visualize as cli  # pylint: disable=import-outside-toplevel
+  return cli
 
 
 def test_tool_draws_qcs_png(tmp_path, capsys):

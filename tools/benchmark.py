@@ -11,7 +11,7 @@
 What runs:
 - train: one SAM step as the reference takes it (forward+backward at w, e = rho g /
   (||g|| + 1e-12), forward+backward at w + e, Adam at w with the second gradient).
-  JAX: qcs_jax.train_lib.make_train_step (jitted, state donated). PyTorch: that step
+  JAX: qcs_jax.training.train_lib.make_train_step (jitted, state donated). PyTorch: that step
   written out with torch.optim.Adam over tests/torch_reference.py (one ir_back call
   per branch, as the authors' code). `--batch` counts anchors: a QCS step sees
   4 x batch images, DCS 2 x batch.
@@ -58,8 +58,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 # Dense peak FLOP/s per chip (NVIDIA datasheets; no sparsity). XLA runs float32
 # dots/convs in TF32 on these GPUs by default, so float32 MFU uses the tf32 column.
@@ -89,7 +87,7 @@ def gpu_peak(device_kind: str) -> Optional[dict]:
 
 def model_config(args) -> dict:
   """config.model of the paper's network (or the small preset); no torch import."""
-  from qcs_jax.convert import DEFAULT_MODEL_CFG  # pylint: disable=import-outside-toplevel
+  from qcs_jax.interop.converter import DEFAULT_MODEL_CFG  # pylint: disable=import-outside-toplevel
   cfg = dict(DEFAULT_MODEL_CFG, name=args.model, csa="s" if args.model == "dcs" else "sd")
   if args.width == "small":
     cfg.update(SMALL_MODEL)
@@ -157,7 +155,7 @@ def weights_file(cfg: dict, seed: int) -> str:
   key = hashlib.sha1(json.dumps([cfg, seed], sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(tempfile.gettempdir(), f"qcs_bench_weights_{key}.npz")
   if not os.path.exists(path):
-    import torch_reference as R  # pylint: disable=import-outside-toplevel
+    from qcs_jax.interop import reference as R  # pylint: disable=import-outside-toplevel
     ref = R.build_reference(cfg, seed=seed)
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     np.savez(path + ".tmp.npz", **sd)
@@ -201,7 +199,9 @@ class JaxBench:
   def __init__(self, args, cfg: dict, sd: dict):
     import jax  # pylint: disable=import-outside-toplevel
     # pylint: disable=import-outside-toplevel
-    from qcs_jax import config as config_lib, convert, optim, train_lib
+    from qcs_jax import config as config_lib
+    from qcs_jax.interop import converter as convert
+    from qcs_jax.training import optim, train_lib
     from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
     self.jax, self.train_lib = jax, train_lib
     self.args, self.cfg = args, dict(cfg, dtype=args.dtype)
@@ -301,7 +301,7 @@ class TorchBench:
 
   def __init__(self, args, cfg: dict, sd: dict):
     import torch  # pylint: disable=import-outside-toplevel
-    import torch_reference as R  # pylint: disable=import-outside-toplevel
+    from qcs_jax.interop import reference as R  # pylint: disable=import-outside-toplevel
     self.torch, self.R = torch, R
     self.args, self.cfg = args, cfg
     torch.set_num_threads(args.threads)

@@ -22,8 +22,6 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from qcs_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from qcs_jax.data import transforms
 from qcs_jax.data.sources import FileSource, InMemorySource

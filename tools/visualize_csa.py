@@ -1,56 +1,7 @@
-"""Draws the Cross Similarity Attention of a DCS (2 images) or QCS (4 images) model.
-
-  python tools/visualize_csa.py --checkpoint runs/rafdb ANCHOR POSITIVE NEG NEG2 \
-      --output csa.png [--detect] [--margin 0.25] [--min_face 40] [--dpi 100]
-
-Images are anchor, positive (same expression)[, negative, negative2 (another
-shared expression)]. One row per image: the face and its CSA attention at each
-pyramid level; then the S / D token x token matrices. See qcs_jax/visualize.py.
-"""
-from __future__ import annotations
-
-import argparse
-import pathlib
+"""Cross Similarity Attention figure of a DCS/QCS model (same as `qcs-visualize`)."""
 import sys
-from typing import Sequence
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-
-from qcs_jax import visualize  # pylint: disable=wrong-import-position
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("images", nargs="+", help="2 (DCS) or 4 (QCS) face images, anchor first")
-  ap.add_argument("--checkpoint", required=True, help="checkpoint dir or training workdir")
-  ap.add_argument("--output", required=True, help="PNG to write")
-  ap.add_argument("--detect", action="store_true", help="crop the largest face of each image")
-  ap.add_argument("--margin", type=float, default=0.25)
-  ap.add_argument("--min_face", type=int, default=40)
-  ap.add_argument("--dpi", type=int, default=visualize.DPI)
-  args = ap.parse_args(argv)
-  if len(args.images) not in (2, 4):
-    ap.error(f"give 2 (DCS) or 4 (QCS) images, got {len(args.images)}")
-
-  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from qcs_jax.data.sources import DataError  # pylint: disable=import-outside-toplevel
-  from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
-  from qcs_jax.predict import read_image  # pylint: disable=import-outside-toplevel
-  try:
-    loaded = load_checkpoint(args.checkpoint)
-    pictures = [read_image(p) for p in args.images]
-    maps = visualize.visualize_csa(loaded, pictures, args.output, names=args.images,
-                                   detect=args.detect, margin=args.margin,
-                                   min_face=args.min_face, dpi=args.dpi)
-  except (CheckpointError, DataError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.output} ({maps['grid']}x{maps['grid']} tokens per level; recomputed "
-        f"attention within {maps['max_attention_error']:.1e} of the model's)")
-  return 0
-
+from qcs_jax.visualize import main
 
 if __name__ == "__main__":
   sys.exit(main())

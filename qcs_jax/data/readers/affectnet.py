@@ -10,7 +10,7 @@ import numpy as np
 from qcs_jax.data.readers.common import (_check_on_missing, _column_index, _fast_rows,
                                          _first_existing, _found, _keep_existing, _norm_split,
                                          _parse_int)
-from qcs_jax.data.sources import DataError, FileListSource, LineOrigins
+from qcs_jax.data.base import DataError, FileListSource, LineOrigins
 
 AFFECTNET_CLASSES = ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger",
                      "Contempt")

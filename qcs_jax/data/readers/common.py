@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from qcs_jax.data.sources import DataError
+from qcs_jax.data.base import DataError
 
 ON_MISSING = ("error", "drop")
 _SHOW = 5  # how many bad items an error message lists

@@ -8,7 +8,7 @@ import numpy as np
 
 from qcs_jax.data.readers.common import (_check_on_missing, _column_index, _found,
                                          _keep_existing, _open_csv)
-from qcs_jax.data.sources import DataError, FileListSource, LineOrigins
+from qcs_jax.data.base import DataError, FileListSource, LineOrigins
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

@@ -8,7 +8,7 @@ import numpy as np
 from qcs_jax.data.readers.common import (_check_on_missing, _first_existing, _found,
                                          _keep_existing, _norm_split, _parse_int, _read_lines,
                                          _resolve_option_path)
-from qcs_jax.data.sources import DataError, FileListSource, LineOrigins
+from qcs_jax.data.base import DataError, FileListSource, LineOrigins
 
 RAFDB_CLASSES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 

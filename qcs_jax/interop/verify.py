@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from qcs_jax import convert
+from qcs_jax.interop import converter as convert
 
 
 def _rel_err(ours: Any, ref: np.ndarray) -> float:

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qcs_jax import checkpoint as ckpt_io
-from qcs_jax import losses, metrics as metrics_lib, optim
+from qcs_jax.training import losses, metrics as metrics_lib, optim
 from qcs_jax.config import NUM_BRANCHES
 from qcs_jax.models import build_model
 
@@ -340,7 +340,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains cfg in workdir, resuming from its latest checkpoint; returns the best eval row."""
   from tqdm import tqdm
 
-  from qcs_jax import plots
+  from qcs_jax.training import plots
   from qcs_jax.data import pipeline, sources
 
   os.makedirs(workdir, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Applications on a trained model: face detection, CSA attention figures, throughput."""

@@ -1,0 +1,1 @@
+"""The training core: SAM optimiser, losses, metrics, train state/step/loop, plots."""

@@ -74,7 +74,7 @@ def _transform(path: Path, expected: tuple[int, ...]) -> tuple[str, Any]:
   if leaf == 'kernel' and len(expected) == 2:
     return 'dense', expected[::-1]
   if leaf == 'theta' and expected == ():
-    return 'scalar', (1,)
+    return 'scalar', ()  # the released files hold a 0-d tensor; (1,) is accepted too
   return 'copy', expected
 
 
@@ -97,6 +97,8 @@ KNOWN_UNUSED = (
     (r'^VIT_(base|cross)\.IRLinear[12]\.', 'ViT IRLinear1/2 (unused)'),
     (r'^VIT_(base|cross)\.eca_block\.', 'ViT eca_block (unused)'),
     (r'^VIT_(base|cross)\.patch_embed\.', 'ViT patch_embed (unused)'),
+    (r'^fusion\.classifier\.', 'fusion.classifier of the DCS AffectNet-8 file '
+     '(built, never called by its forward)'),
 )
 _STAGE4 = 'IR50 units past the third stage (body.N, 4th stage: never used)'
 _NOT_BACKBONE = 'not part of the backbone (convert them with --full)'
@@ -244,7 +246,9 @@ def _convert(sd: dict[str, tuple[str, np.ndarray]],
                      f'{"/".join(path)})')
       continue
     orig, a = sd[key]
-    if tuple(a.shape) != tuple(torch_shape):
+    if kind == 'scalar' and a.size == 1 and a.ndim <= 1:
+      pass  # theta: torch.tensor(0.) (released files) or torch.zeros(1)
+    elif tuple(a.shape) != tuple(torch_shape):
       bad.append(f'{orig!r}: shape {tuple(a.shape)} in the checkpoint, the '
                  f'model config needs {tuple(torch_shape)} (Flax '
                  f'{"/".join(path)} {shape})')

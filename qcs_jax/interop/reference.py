@@ -18,7 +18,7 @@ import collections
 import re
 import math
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ class EcaBlock(nn.Module):
 
   def __init__(self):
     super().__init__()
-    self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+    self.conv = nn.Conv1d(1, 1, 5, padding=2, bias=False)  # [1, 1, 5] in the released files
 
 
 class VisionTransformer(nn.Module):
@@ -319,7 +319,7 @@ class CrossModule(nn.Module):
     self.norm2 = nn.LayerNorm(dim)
     self.mlp = CrossMlp(dim)
     if kind == 'qcs':
-      self.theta = nn.Parameter(torch.zeros(1))
+      self.theta = nn.Parameter(torch.tensor(0.))  # 0-d, as in the released files
     self.last_maps = None
 
   def forward(self, *xs):
@@ -470,7 +470,7 @@ def randomize_(model: nn.Module, seed: int = 0, calib_batch: int = 4) -> None:
       mod.cls_token.copy_(randn(mod.cls_token.shape, 0.5))
       mod.pos_embed.copy_(randn(mod.pos_embed.shape, 0.5))
     if isinstance(mod, CrossModule) and hasattr(mod, 'theta'):
-      mod.theta.copy_(randn((1,), 0.5))
+      mod.theta.copy_(randn((), 0.5))
   # The last BN of each residual branch scaled down, as in a trained ResNet.
   for mod in model.modules():
     if isinstance(mod, BottleneckIR):
@@ -586,54 +586,104 @@ def save_ir50(path, backbone: Backbone, layout: str,
 
 
 class RecorderMeter_loss:  # pylint: disable=invalid-name
-  """Stand-in for the authors' training-script class (pickled as __main__)."""
+  """Stand-in for the authors' training-script class (pickled as __main__): the
+  four per-epoch training losses of QCS (main_*.py's RecorderMeter_loss)."""
+
+  def __init__(self, total_epoch: int):
+    self.total_epoch = total_epoch
+    self.current_epoch = 0
+    self.epoch_losses = np.zeros((total_epoch, 4), dtype=np.float32)
+
+
+class RecorderMeter_matrix:  # pylint: disable=invalid-name
+  """Stand-in for main_*.py's RecorderMeter_matrix: last predictions and targets."""
 
   def __init__(self, total_epoch: int):
     self.total_epoch = total_epoch
     self.current_epoch = 0
     self.epoch_losses = np.zeros((total_epoch, 2), dtype=np.float32)
     self.epoch_accuracy = np.zeros((total_epoch, 2), dtype=np.float32)
+    self.y_pred: Any = None
+    self.y_true: Any = None
 
 
-def full_checkpoint(model: nn.Module, epoch: int = 7, best_acc: float = 91.5,
-                    embed_names: str = 'qkv') -> dict[str, Any]:
-  """A DataParallel training checkpoint as the authors' scripts save it."""
+_RECORDERS = (RecorderMeter_loss, RecorderMeter_matrix)
+
+
+def full_checkpoint(model: nn.Module | None = None, epoch: int = 7, best_acc: float = 91.5,
+                    embed_names: str = 'qkv',
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+  """A training checkpoint as main_*.py's save_checkpoint writes it.
+
+  {'epoch', 'state_dict' (DataParallel: 'module.' keys), 'best_acc' (a 0-d
+  tensor: max(val_acc, best_acc) of tensors), 'optimizer' (SAM's state dict:
+  its saved weights 'old_p' only), 'recorder_m', 'recorder'}. `state_dict`
+  replaces the model's (e.g. one built from the released files' key list).
+  """
+  source = model.state_dict() if state_dict is None else state_dict
   sd = collections.OrderedDict()
   rename = {'embed_q.': 'embed_1.', 'embed_k.': 'embed_2.', 'embed_v.': 'embed_3.'}
-  for k, v in model.state_dict().items():
+  for k, v in source.items():
     if embed_names == '123':
       for old, new in rename.items():
         if k.startswith(old):
           k = new + k[len(old):]
     sd['module.' + k] = v.clone()
   recorder = RecorderMeter_loss(epoch + 3)
-  recorder.epoch_losses[:epoch] = np.linspace(1.5, 0.5, epoch * 2).reshape(-1, 2)
-  params = list(model.parameters())
+  recorder.epoch_losses[:epoch] = np.linspace(1.5, 0.5, epoch * 4).reshape(-1, 4)
+  recorder.current_epoch = epoch
+  recorder_m = RecorderMeter_matrix(epoch + 3)
+  recorder_m.y_pred = np.arange(10) % 7
+  recorder_m.y_true = np.arange(10)[::-1] % 7
+  params = [v for k, v in source.items() if v.dtype.is_floating_point][:3]
   optimizer = {
-      'state': {i: {'old_p': p.detach().clone()} for i, p in
-                enumerate(params[:3])},
-      'param_groups': [{'lr': 3e-6, 'rho': 0.05, 'adaptive': False,
-                        'params': list(range(len(params)))}],
+      'state': {i: {'old_p': p.detach().clone()} for i, p in enumerate(params)},
+      'param_groups': [{'lr': 3e-6, 'betas': (0.9, 0.999), 'eps': 1e-8,
+                        'weight_decay': 0, 'amsgrad': False, 'rho': 0.05,
+                        'adaptive': False, 'params': list(range(len(source)))}],
   }
-  return {'epoch': epoch, 'state_dict': sd, 'best_acc': np.float64(best_acc),
-          'optimizer': optimizer, 'recorder': recorder}
+  return {'epoch': epoch, 'state_dict': sd,
+          'best_acc': torch.tensor(best_acc, dtype=torch.float32),
+          'optimizer': optimizer, 'recorder_m': recorder_m, 'recorder': recorder}
 
 
-def save_full_checkpoint(path, model: nn.Module, **kwargs) -> None:
-  """Writes full_checkpoint() so the pickle names `__main__.RecorderMeter_loss`."""
+_TAG_AS_CUDA = [False]
+
+
+def _cuda_tagger(obj: Any) -> str | None:
+  """Location tag 'cuda:0' while saving a checkpoint 'from CUDA' (no GPU needed)."""
+  return 'cuda:0' if _TAG_AS_CUDA[0] else None
+
+
+def _cuda_restore(obj: Any, location: str) -> Any:
+  return None  # map_location='cpu' is what every reader of these files uses
+
+
+torch.serialization.register_package(-1, _cuda_tagger, _cuda_restore)
+
+
+def save_full_checkpoint(path, model: nn.Module | None = None, cuda: bool = True,
+                         **kwargs) -> None:
+  """Writes full_checkpoint() as the authors' scripts do: its recorders pickled as
+  `__main__.RecorderMeter_*`, every storage tagged 'cuda:0' (saved from a GPU)
+  unless `cuda` is False."""
   ckpt = full_checkpoint(model, **kwargs)
   main = sys.modules['__main__']
-  had = hasattr(main, 'RecorderMeter_loss')
-  old_module = RecorderMeter_loss.__module__
-  RecorderMeter_loss.__module__ = '__main__'
-  if not had:
-    setattr(main, 'RecorderMeter_loss', RecorderMeter_loss)
+  saved = []
+  for cls in _RECORDERS:
+    saved.append((cls, cls.__module__, hasattr(main, cls.__name__)))
+    cls.__module__ = '__main__'
+    if not saved[-1][2]:
+      setattr(main, cls.__name__, cls)
+  _TAG_AS_CUDA[0] = cuda
   try:
     torch.save(ckpt, str(path))
   finally:
-    RecorderMeter_loss.__module__ = old_module
-    if not had:
-      delattr(main, 'RecorderMeter_loss')
+    _TAG_AS_CUDA[0] = False
+    for cls, module, had in saved:
+      cls.__module__ = module
+      if not had:
+        delattr(main, cls.__name__)
 
 
 def count_params(module: nn.Module, skip_patterns: Sequence[str] = ()) -> int:

@@ -50,7 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = dict(epochs=200, seed=0, log_every=50, checkpoint_every=500, keep=2,
                  allow_config_change=False, progress=True, eval_every=1,
                  stop_after_steps=0)
-  c.init = dict(backbone="", checkpoint="")
+  # backbone: a converted ir50.pth (qcs-convert), or "scratch"; require_backbone:
+  # the paper recipes refuse to start from a random IR50 unless told "scratch".
+  c.init = dict(backbone="", checkpoint="", require_backbone=False)
   return c
 
 
@@ -71,6 +73,7 @@ def recipe(model: str, data: str) -> ml_collections.ConfigDict:
     c.data.test_split = "test"
   c.optim.lr = lr
   c.train.epochs = epochs
+  c.init.require_backbone = True  # every paper number starts from the Ms-Celeb-1M IR50
   return c
 
 

@@ -86,6 +86,31 @@ def _replace_subtree(target: dict, source: dict, what: str) -> dict:
   return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
+SCRATCH = "scratch"  # config.init.backbone=scratch: a random IR50, deliberately
+
+
+def check_init(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a paper recipe that would train from a random IR50 (before anything is written).
+
+  The paper's accuracies depend on the Ms-Celeb-1M IR50: recipes that need it set
+  config.init.require_backbone; `--config.init.backbone=scratch` opts out.
+  """
+  init = cfg.init
+  for key in ("backbone", "checkpoint"):
+    path = init.get(key, "") or ""
+    if path and path != SCRATCH and not os.path.isdir(path):
+      raise ckpt_io.CheckpointError(
+          f"config.init.{key}={path}: no such checkpoint directory (convert a PyTorch file "
+          f"with qcs-convert; see README 'Use the authors' released models')")
+  if init.get("require_backbone", False) and not init.backbone and not init.checkpoint:
+    raise ckpt_io.CheckpointError(
+        "this recipe trains from the Ms-Celeb-1M IR50, as the paper does (its accuracies "
+        "depend on it), but config.init.backbone is empty. Download the authors' ir50.pth "
+        "(qcs-convert --list_zoo), convert it with `qcs-convert --input ir50.pth --output "
+        "runs/ir50` and add --config.init.backbone=runs/ir50; or pass "
+        "--config.init.backbone=scratch to train from a random IR50 on purpose.")
+
+
 def apply_init(variables: dict, init_cfg) -> dict:
   """Loads config.init.backbone (converted IR50) or config.init.checkpoint (full model)."""
   variables = jax.tree.map(lambda x: x, variables)
@@ -95,7 +120,7 @@ def apply_init(variables: dict, init_cfg) -> dict:
       variables[col] = _replace_subtree(variables[col], loaded.get(col, {}),
                                         f"init.checkpoint={init_cfg.checkpoint} [{col}]")
     log.info("initialised the whole model from %s", init_cfg.checkpoint)
-  elif init_cfg.backbone:
+  elif init_cfg.backbone and init_cfg.backbone != SCRATCH:
     loaded, _ = ckpt_io.load_variables(init_cfg.backbone)
     for col in ("params", "batch_stats"):
       if "ir_back" not in loaded.get(col, {}):
@@ -209,7 +234,8 @@ def evaluate(eval_step, variables, batches: Iterator[dict], num_classes: int,
 
 # Fields that may differ between a run and its resumption without --config.train.allow_config_change.
 RESUMABLE_CHANGES = ("data.workers", "train.epochs", "train.log_every", "train.progress",
-                     "train.allow_config_change", "train.stop_after_steps", "data.root")
+                     "train.allow_config_change", "train.stop_after_steps", "data.root",
+                     "init.require_backbone")
 
 
 def _flat_config(cfg: ml_collections.ConfigDict) -> dict:
@@ -343,8 +369,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from qcs_jax.training import plots
   from qcs_jax.data import pipeline, sources
 
-  os.makedirs(workdir, exist_ok=True)
-  check_config(workdir, cfg)
   mesh = make_mesh()
   nb = NUM_BRANCHES[cfg.model.name]
   ndev = mesh.devices.size
@@ -368,6 +392,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"{train_src.name}: {len(train_src)} images give no full batch of "
                      f"{cfg.data.batch_size}")
 
+  check_init(cfg)
+  # Every check that can fail on the user's input is done: now the workdir is written.
+  os.makedirs(workdir, exist_ok=True)
+  check_config(workdir, cfg)
   model = build_model(cfg.model)
   tx = optim.make_optimizer(cfg.optim, steps)
   rng = jax.random.PRNGKey(cfg.train.seed)

@@ -93,3 +93,118 @@ def synthetic(model: str = "qcs") -> ml_collections.ConfigDict:
   c.optim.update(lr=2e-3, gamma=0.85, warmup_steps=100)
   c.train.update(epochs=8, log_every=20, checkpoint_every=100)
   return c
+
+
+# --------------------------------------------------------------------------- checks
+# Everything below runs at a CLI's startup, before anything is written.
+
+class ConfigError(ValueError):
+  """A config mistake; the message names the key (and value) to fix."""
+
+
+_CHOICES = {
+    "model.name": tuple(NUM_BRANCHES),
+    "data.on_bad_image": ("error", "skip"),
+    "data.on_missing": ("error", "drop"),
+    "data.anchors": ("shuffle", "balanced"),
+    "data.negatives": ("random", "balanced"),
+}
+_POSITIVE = ("data.batch_size", "data.eval_batch_size", "train.epochs", "optim.lr",
+             "train.keep", "train.log_every", "train.checkpoint_every", "model.num_classes")
+_NON_NEGATIVE = ("data.workers", "optim.warmup_steps", "train.stop_after_steps")
+
+
+def _lookup(cfg: ml_collections.ConfigDict, key: str):
+  node = cfg
+  for part in key.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def init_path_problem(key: str, path: str) -> str | None:
+  """Why config.init.<key>=path cannot be loaded (None when it can)."""
+  import os  # pylint: disable=import-outside-toplevel
+  from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  where = f"init.{key}={path}"
+  if not os.path.exists(path):
+    return f"{where}: no such file or directory"
+  if os.path.isfile(path):
+    return (f"{where} is a file; it must be a checkpoint directory (convert .pth files "
+            "with tools/convert_ir50.py)")
+  try:
+    checkpoint.read_metadata(path)
+  except checkpoint.CheckpointError as e:
+    return f"{where}: {e}"
+  return None
+
+
+def check_config(cfg: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Raises ConfigError naming every wrong key: choices, ranges, init paths, batch vs devices.
+
+  device_count None skips the batch-size check (multi-host runs check it after joining).
+  """
+  from qcs_jax.data.sources import DATASET_NAMES  # pylint: disable=import-outside-toplevel
+  problems = []
+  choices = dict(_CHOICES, **{"data.name": DATASET_NAMES})
+  for key, allowed in choices.items():
+    val = _lookup(cfg, key)
+    if val is not None and val not in allowed:
+      problems.append(f"{key}={val!r} is not one of {', '.join(map(repr, allowed))}")
+  for key, low in [(k, 1e-300) for k in _POSITIVE] + [(k, 0) for k in _NON_NEGATIVE]:
+    val = _lookup(cfg, key)
+    if val is not None and val < low:
+      problems.append(f"{key}={val} must be {'> 0' if low else '>= 0'}")
+  fraction = _lookup(cfg, "data.epoch_fraction")
+  if fraction is not None and not 0.0 < fraction <= 1.0:
+    problems.append(f"data.epoch_fraction={fraction} must be in (0, 1]")
+  for key in ("backbone", "checkpoint"):
+    path = _lookup(cfg, f"init.{key}")
+    if path:
+      problem = init_path_problem(key, str(path))
+      if problem:
+        problems.append(problem)
+  bs = _lookup(cfg, "data.batch_size")
+  if device_count and isinstance(bs, int) and bs > 0 and bs % device_count:
+    up = -(-bs // device_count) * device_count
+    problems.append(f"data.batch_size={bs} is not a multiple of the {device_count} devices "
+                    f"(jax.device_count()); use e.g. --config.data.batch_size={up}")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+
+def _unknown_key(err: Exception, argv: list[str]) -> str:
+  """ml_collections' KeyError/AttributeError for a mistyped override -> one line naming it."""
+  import re  # pylint: disable=import-outside-toplevel
+  text = str(err).replace("\\'", "'").replace('\\"', '"')
+  bad = re.search(r'instead of "([\w.]+)"', text) or re.search(r"'([\w.]+)'", text)
+  hint = re.search(r'Did you mean "([\w.]+)"', text)
+  name = bad.group(1) if bad else text.splitlines()[0]
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      path = arg[len("--config."):].split("=", 1)[0]
+      if name in path.split("."):
+        name = f"{path!r} (in {arg})"
+        break
+  return f"unknown config key {name}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """An absl ``flags_parser``: flag and config-override mistakes become one ``error:`` line.
+
+  absl would print a traceback for an unknown --config.<key> override; this
+  names the key and exits with status 2 before main() runs.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e)
+  except (AttributeError, KeyError) as e:
+    msg = _unknown_key(e, argv)
+  except (TypeError, ValueError, OSError, SyntaxError) as e:
+    msg = f"{type(e).__name__}: {e}"
+  print(f"error: {msg.splitlines()[0] if msg else 'bad command line'}", file=sys.stderr)
+  sys.exit(2)

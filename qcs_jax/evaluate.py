@@ -295,7 +295,8 @@ def run() -> None:
       print(f"wrote {preds_csv.value}")
 
   runtime.set_cpu_xla_defaults()
-  app.run(main)
+  from qcs_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=config_lib.parse_flags_or_exit)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,27 @@ def test_evaluate_skips_counts_and_names_each_bad_file(tmp_path, caplog):
   cfg.data.on_bad_image = "error"
   with pytest.raises(DataError, match=r"on_bad_image=skip"):
     evaluate.evaluate_checkpoint(cfg, str(ckpt), progress=False)
+
+
+def test_training_batches_replace_each_hostile_file_and_say_why(tmp_path):
+  from qcs_jax.data import pipeline
+  d = tmp_path / "imgs"
+  expected = make_hostile_files(d)
+  bad = sorted(n for n in expected if n != "folder.jpg")
+  good = []
+  for k in range(8):
+    Image.fromarray(face(20 + k, 16)).save(d / f"good{k}.png")
+    good.append(str(d / f"good{k}.png"))
+  paths = good + [str(d / n) for n in bad]
+  labels = [k % 2 for k in range(8)] + [k % 2 for k in range(len(bad))]
+  src = FileSource(labels=labels, class_names=("a", "b"), name="t", paths=paths)
+  cfg = config.synthetic().data
+  cfg.update(on_bad_image="skip", batch_size=4, workers=0)
+  cfg.augment.resize = 16
+  it = pipeline.train_batches(src, cfg, 16, 4, seed=0, epoch=0, num_epochs=3)
+  for b in it:
+    assert not np.isin(b["index"], np.arange(8, len(paths))).any()
+  assert it.num_skipped >= len(it.bad_reasons) > 0
+  for i, reason in it.bad_reasons.items():
+    name = paths[i].rsplit("/", 1)[1]
+    assert reason.startswith(paths[i]) and re.search(expected[name], reason), reason

@@ -37,17 +37,19 @@ class _Bounded(io.RawIOBase):
 
   def __init__(self, f, end: int):
     super().__init__()
-    self._f, self._end = f, end
+    self._f, self._end, self._pos = f, end, f.tell()
 
   def readable(self) -> bool:
     return True
 
   def _room(self, n: int | None) -> int:
-    left = max(0, self._end - self._f.tell())
+    left = max(0, self._end - self._pos)
     return left if n is None or n < 0 else min(n, left)
 
   def read(self, n: int = -1) -> bytes:
-    return self._f.read(self._room(n))
+    data = self._f.read(self._room(n))
+    self._pos += len(data)
+    return data
 
   def readinto(self, b) -> int:
     data = self.read(len(b))
@@ -55,13 +57,16 @@ class _Bounded(io.RawIOBase):
     return len(data)
 
   def readline(self, n: int = -1) -> bytes:
-    return self._f.readline(self._room(n))
+    data = self._f.readline(self._room(n))
+    self._pos += len(data)
+    return data
 
   def tell(self) -> int:
-    return self._f.tell()
+    return self._pos
 
   def seek(self, pos: int, whence: int = 0) -> int:
-    return self._f.seek(pos, whence)
+    self._pos = self._f.seek(pos, whence)
+    return self._pos
 
 
 def _check_zip(zf: zipfile.ZipFile, path: str, limits: ps.Limits) -> str:

@@ -231,3 +231,31 @@ def test_training_batches_replace_each_hostile_file_and_say_why(tmp_path):
   for i, reason in it.bad_reasons.items():
     name = paths[i].rsplit("/", 1)[1]
     assert reason.startswith(paths[i]) and re.search(expected[name], reason), reason
+
+
+def test_mutated_images_decode_or_raise_one_line(tmp_path):
+  """Random byte edits of six formats: an RGB array or a one-line DataError, nothing else."""
+  rng = np.random.default_rng(0)
+  sources = {fmt: _encoded(face(30, 24), fmt) for fmt in
+             ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")}
+  errors = 0
+  for k in range(300):
+    fmt = list(sources)[k % len(sources)]
+    b = bytearray(sources[fmt])
+    for _ in range(int(rng.integers(1, 6))):
+      pos, op = int(rng.integers(len(b))), int(rng.integers(3))
+      if op == 0:
+        b[pos] = int(rng.integers(256))
+      elif op == 1:
+        del b[pos]
+      else:
+        b.insert(pos, int(rng.integers(256)))
+    path = tmp_path / f"m{k}.{fmt.lower()}"
+    path.write_bytes(bytes(b))
+    try:
+      rgb = images.decode_rgb(str(path))
+      assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    except DataError as e:
+      errors += 1
+      assert str(path) in str(e) and "\n" not in str(e)
+  assert errors > 50

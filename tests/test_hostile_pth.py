@@ -244,3 +244,32 @@ def test_limits_are_checked_against_totals(tmp_path, monkeypatch):
   monkeypatch.setattr(ps, 'LIMITS', ps.Limits(max_pickle_bytes=10))
   with pytest.raises(ps.UnsafePickleError, match='data.pkl'):
     tp.check_torch_file(path)
+
+
+@pytest.mark.parametrize('prefer_torch', [False, True])
+def test_mutated_pickles_load_or_raise_conversion_error(tmp_path, prefer_torch):
+  """Random byte edits of a full checkpoint's pickle: a result or a ConversionError, nothing else."""
+  recorder = (g('__main__', 'RecorderMeter_loss') + b')\x81' + b'}' + s('losses')
+              + call(g('builtins', 'list'), b']') + b's' + b'b')
+  pkl = state_dict(state_dict=b'}' + s('w') + tensor('0', 3, (3,), (1,)) + b's',
+                   recorder=recorder, epoch=i(7))
+  rng = np.random.default_rng(0)
+  loaded = 0
+  for k in range(300 if not prefer_torch else 100):
+    b = bytearray(pkl)
+    for _ in range(int(rng.integers(1, 4))):
+      pos, op = int(rng.integers(len(b))), int(rng.integers(3))
+      if op == 0:
+        b[pos] = int(rng.integers(256))
+      elif op == 1:
+        del b[pos]
+      else:
+        b.insert(pos, int(rng.integers(256)))
+    path = tmp_path / f'm{k}.pth'
+    WRITERS['zip' if k % 2 else 'legacy'](path, bytes(b), {'0': W3.tobytes()})
+    try:
+      tp.load_torch_file(path, prefer_torch)
+      loaded += 1
+    except tp.ConversionError:
+      pass
+  assert loaded < 100  # most edits break the pickle; the point is that nothing else escapes

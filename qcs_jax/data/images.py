@@ -64,6 +64,7 @@ def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
   _check_file(path)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides
+    warnings.simplefilter("ignore", UserWarning)  # PIL's per-tag TIFF/EXIF complaints
     try:
       im = Image.open(path)
     except UnidentifiedImageError:

@@ -127,7 +127,7 @@ def init_path_problem(key: str, path: str) -> str | None:
   """Why config.init.<key>=path cannot be loaded (None when it can)."""
   import os  # pylint: disable=import-outside-toplevel
   from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  where = f"init.{key}={path}"
+  where = f"config.init.{key}={path}"
   if not os.path.exists(path):
     return f"{where}: no such file or directory"
   if os.path.isfile(path):
@@ -154,14 +154,18 @@ def check_config(cfg: ml_collections.ConfigDict, device_count: int | None = None
       problems.append(f"{key}={val!r} is not one of {', '.join(map(repr, allowed))}")
   for key, low in [(k, 1e-300) for k in _POSITIVE] + [(k, 0) for k in _NON_NEGATIVE]:
     val = _lookup(cfg, key)
-    if val is not None and val < low:
+    if val is None:
+      continue
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+      problems.append(f"{key}={val!r} must be a number")
+    elif val < low:
       problems.append(f"{key}={val} must be {'> 0' if low else '>= 0'}")
   fraction = _lookup(cfg, "data.epoch_fraction")
   if fraction is not None and not 0.0 < fraction <= 1.0:
     problems.append(f"data.epoch_fraction={fraction} must be in (0, 1]")
   for key in ("backbone", "checkpoint"):
     path = _lookup(cfg, f"init.{key}")
-    if path:
+    if path and not (key == "backbone" and path == "scratch"):  # scratch: a random IR50
       problem = init_path_problem(key, str(path))
       if problem:
         problems.append(problem)

@@ -64,17 +64,15 @@ def main(argv):
 
 def _checked_main(argv):
   """Config mistakes -> one `error:` line naming the key, before the workdir is touched."""
-  import os  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   from qcs_jax import config  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)
   multi_host = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
-      os.environ.get("SLURM_NTASKS", "1") != "1")
+      os.environ.get("SLURM_NTASKS", "1") != "1")  # jax.device_count() only after joining
   try:
-    if os.path.isfile(_WORKDIR.value):
+    if _WORKDIR.value and os.path.isfile(_WORKDIR.value):
       raise config.ConfigError(f"--workdir={_WORKDIR.value} is a file, not a directory")
     import jax  # pylint: disable=import-outside-toplevel
     config.check_config(_CONFIG.value, None if multi_host else jax.device_count())

@@ -27,6 +27,8 @@ def test_valid_configs_pass(tmp_path):
   config.check_config(config.recipe("qcs", "rafdb"), device_count=1)
   cfg.init.backbone = _fake_checkpoint(tmp_path / "ir50")
   config.check_config(cfg, device_count=1)
+  cfg.init.backbone = "scratch"  # a random IR50 on purpose
+  config.check_config(cfg, device_count=1)
 
 
 @pytest.mark.parametrize("key,value,said", [
@@ -38,7 +40,7 @@ def test_valid_configs_pass(tmp_path):
     ("data.epoch_fraction", 1.5, r"data.epoch_fraction=1.5 must be in \(0, 1\]"),
     ("optim.lr", -1e-3, r"optim.lr=-0.001 must be > 0"),
     ("data.workers", -1, r"data.workers=-1 must be >= 0"),
-    ("init.backbone", "/no/such/ir50", r"init.backbone=/no/such/ir50: no such file"),
+    ("init.backbone", "/no/such/ir50", r"config.init.backbone=/no/such/ir50: no such file"),
     ("init.checkpoint", __file__, r"init.checkpoint=.* is a file; it must be a checkpoint "
                                   r"directory"),
     ("init.checkpoint", REPO, r"init.checkpoint=.*not a qcs_jax checkpoint \(no model.json\)"),
@@ -56,7 +58,7 @@ def test_all_problems_are_reported_together():
   cfg = config.synthetic()
   cfg.data.batch_size = 3
   cfg.init.backbone = "/nope"
-  with pytest.raises(config.ConfigError, match=r"init.backbone=/nope.*; data.batch_size=3"):
+  with pytest.raises(config.ConfigError, match=r"config.init.backbone=/nope.*; data.batch_size=3"):
     config.check_config(cfg, device_count=2)
   config.check_config(config.synthetic(), device_count=None)  # multi-host: checked later
 
@@ -74,7 +76,8 @@ def _run(module: str, *args: str, devices: int = 1) -> subprocess.CompletedProce
      "'batch_size'?", 1),
     ("--config.data.batch_size=abc", "--config.data.batch_size=abc: invalid literal", 1),
     ("--config.data.batch_size=3", "data.batch_size=3 is not a multiple of the 2 devices", 2),
-    ("--config.init.backbone=/no/ir50", "init.backbone=/no/ir50: no such file or directory", 1),
+    ("--config.init.backbone=/no/ir50", "config.init.backbone=/no/ir50: no such file or directory",
+     1),
 ])
 def test_train_cli_refuses_before_writing(tmp_path, override, said, devices):
   workdir = tmp_path / "run"

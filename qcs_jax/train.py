@@ -72,10 +72,17 @@ def _checked_main(argv):
   multi_host = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or (
       os.environ.get("SLURM_NTASKS", "1") != "1")  # jax.device_count() only after joining
   try:
+    cfg = _CONFIG.value
+    cfg.keys()  # a config file that failed to load raises here
+  except OSError as e:  # ml_collections defers a config file's load error to here
+    lines = [l.strip() for l in str(e.__cause__ or e).splitlines() if l.strip()]
+    print(f"error: cannot load --config: {lines[-1]}", file=sys.stderr)
+    sys.exit(2)
+  try:
     if _WORKDIR.value and os.path.isfile(_WORKDIR.value):
       raise config.ConfigError(f"--workdir={_WORKDIR.value} is a file, not a directory")
     import jax  # pylint: disable=import-outside-toplevel
-    config.check_config(_CONFIG.value, None if multi_host else jax.device_count())
+    config.check_config(cfg, None if multi_host else jax.device_count())
   except config.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

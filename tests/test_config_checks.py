@@ -90,6 +90,16 @@ def test_train_cli_refuses_before_writing(tmp_path, override, said, devices):
   assert not workdir.exists()
 
 
+def test_train_cli_missing_config_file(tmp_path):
+  p = _run("qcs_jax.train", "--config", str(tmp_path / "nope.py"), "--workdir",
+           str(tmp_path / "run"))
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert p.stderr.strip().splitlines()[-1] == (
+      f"error: cannot load --config: [Errno 2] No such file or directory: "
+      f"'{tmp_path / 'nope.py'}'")
+  assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_cli_names_unknown_override(tmp_path):
   p = _run("qcs_jax.evaluate", "--config", "configs/synthetic.py", "--checkpoint",
            str(tmp_path), "--config.data.on_bad_imag=skip")

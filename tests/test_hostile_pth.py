@@ -104,9 +104,13 @@ def loader(request, monkeypatch):
 @pytest.mark.parametrize('fmt', WRITERS)
 def test_control_file_loads(tmp_path, fmt, loader):
   path = tmp_path / f'ok.{fmt}.pth'
-  WRITERS[fmt](path, state_dict(w=tensor('0', 3, (3,), (1,))), {'0': W3.tobytes()})
+  WRITERS[fmt](path, state_dict(w=tensor('0', 3, (3,), (1,)), e=tensor('1', 0, (0, 5), (5, 1)),
+                                b=tensor('0', 3, (2, 3), (0, 1))),
+               {'0': W3.tobytes(), '1': b''})
   sd, how = loader(path)
   np.testing.assert_array_equal(sd['w'], W3)
+  assert sd['e'].shape == (0, 5)                  # an empty tensor
+  np.testing.assert_array_equal(sd['b'], [W3, W3])  # a small stride-0 broadcast
   assert 'state dict' in how
 
 

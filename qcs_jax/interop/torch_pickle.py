@@ -164,7 +164,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
 
     def note(dtype, key, numel, view):
       seen[key] = (dtype, numel)
-      return _storage_view(ps.DryStorage(numel or 0, dtype), view) if numel else None
+      return _storage_view(ps.DryStorage(numel or 0, dtype), view)
 
     _, placeholders = ps.unpickle(f, note)
     keys = read_meta()
@@ -189,13 +189,12 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
             f'{ps.LIMITS.max_total_bytes} in all)')
       where[key] = (f.tell(), numel, dtype)
       f.seek(nbytes, os.SEEK_CUR)
+    if dry:  # pass 1 checked the tensors against the declared sizes, just checked above
+      return None, placeholders
     for key, (pos, numel, dtype) in where.items():
-      if not dry:
-        f.seek(pos)
-        storages[key] = _from_bytes(f.read(numel * dtype.itemsize), dtype,
-                                    '<' if little else '>')
-      else:
-        storages[key] = ps.DryStorage(numel, dtype)
+      f.seek(pos)
+      storages[key] = _from_bytes(f.read(numel * dtype.itemsize), dtype,
+                                  '<' if little else '>')
     f.seek(start)
 
     def load(dtype, key, numel, view):
@@ -204,8 +203,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
         raise ConversionError(f'{path}: storage {key} missing from the file')
       return _storage_view(storages[key], view)
 
-    obj, placeholders = ps.unpickle(f, load)
-    return (None if dry else obj), placeholders
+    return ps.unpickle(f, load)
 
 
 def check_torch_file(path: str | os.PathLike) -> set[str]:
@@ -324,34 +322,33 @@ def load_torch_file(path: str | os.PathLike, prefer_torch: bool = True
                     ) -> tuple[dict[str, np.ndarray], str]:
   """Reads a .pth file -> (state dict of numpy arrays, how it was loaded).
 
-  The file is checked torch-free first (`check_torch_file`). Then
   `torch.load(weights_only=True)` is used when torch is installed and
-  `prefer_torch`; full training checkpoints (objects of the authors' script
-  classes) and everything when torch is missing use the restricted unpickler.
+  `prefer_torch`, after the torch-free `check_torch_file` passed; full
+  training checkpoints (objects of the authors' script classes) and
+  everything when torch is missing use the restricted unpickler, which makes
+  the same checks as it reads.
   """
   path = os.fspath(path)
-  placeholders = check_torch_file(path)  # refuses hostile globals and sizes, torch-free
-  how = None
-  obj = None
-  if placeholders:
-    how = 'restricted unpickler (the file names training-script classes)'
-  elif prefer_torch:
+  torch = None
+  if prefer_torch:
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-      torch = None
-      how = 'restricted unpickler (torch not installed)'
-    if torch is not None:
-      try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-        how = 'torch.load(weights_only=True)'
-      except pickle.UnpicklingError as e:
-        how = ('restricted unpickler (torch.load(weights_only=True) refused: '
-               f'{_torch_refusal(e)})')
-      except Exception:  # pylint: disable=broad-except
-        how = 'restricted unpickler (torch.load failed)'  # error comes below
+      pass
+  obj = None
+  if torch is None:
+    how = 'restricted unpickler' + (' (torch not installed)' if prefer_torch else '')
+  elif check_torch_file(path):  # refuses hostile globals and sizes before torch runs
+    how = 'restricted unpickler (the file names training-script classes)'
   else:
-    how = 'restricted unpickler'
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+      how = 'torch.load(weights_only=True)'
+    except pickle.UnpicklingError as e:
+      how = ('restricted unpickler (torch.load(weights_only=True) refused: '
+             f'{_torch_refusal(e)})')
+    except Exception:  # pylint: disable=broad-except
+      how = 'restricted unpickler (torch.load failed)'  # error comes below
   if obj is None:
     obj, placeholders = read_torch_file_restricted(path)
     if placeholders:

@@ -33,6 +33,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--benchmark", action="store_true",
                   help="time onnxruntime vs JAX (images/s, interleaved) after exporting")
   ap.add_argument("--benchmark_batch_sizes", default="1,16")
+  ap.add_argument("--benchmark_rounds", type=int, default=3,
+                  help="interleaved rounds per runner and batch size (best one reported)")
   return ap.parse_args(argv)
 
 
@@ -58,10 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       runners["onnxruntime"] = export_lib.load_onnx_runner(
           os.path.join(args.out, export_lib.ONNX_FILE))
     sizes = [int(s) for s in args.benchmark_batch_sizes.split(",") if s]
-    rates = export_lib.time_runners(runners, int(loaded.model_cfg["img_size"]), sizes)
+    rates = export_lib.time_runners(runners, int(loaded.model_cfg["img_size"]), sizes,
+                                    args.benchmark_rounds)
     for bs in sizes:
-      print(f"batch {bs:3d}: " + ", ".join(f"{k} {r[bs]:.1f} images/s"
-                                          for k, r in rates.items()))
+      print(f"batch {bs:3d}: " + ", ".join(
+          f"{k} {r[bs]['images_per_s']:.2f} images/s ({r[bs]['cpu_s_per_image']:.3f} CPU-s/image)"
+          for k, r in rates.items()))
     print(f"({os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f})")
   return 0
 

@@ -1,6 +1,7 @@
 """qcs_jax.export: the hand-built ONNX graph, the jax.export artefact, the CLI's checks."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,15 @@ def test_cli_writes_verified_artefacts(ckpt, tmp_path, capsys):
   # Existing artefacts are kept unless --force.
   assert export.main(["--checkpoint", ckpt, "--out", str(out), "--formats", "onnx"]) == 1
   assert "already exist" in capsys.readouterr().err
+  # --force re-exports; --benchmark times onnxruntime beside JAX.
+  assert export.main(["--checkpoint", ckpt, "--out", str(out), "--formats", "onnx", "--force",
+                      "--benchmark", "--benchmark_rounds", "1",
+                      "--benchmark_batch_sizes", "2"]) == 0
+  line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("batch   2:")][0]
+  assert re.fullmatch(r"batch   2: jax [\d.]+ images/s \([\d.]+ CPU-s/image\), "
+                      r"onnxruntime [\d.]+ images/s \([\d.]+ CPU-s/image\)", line), line
+  meta2 = json.loads((out / "export.json").read_text())
+  assert set(meta2["artefacts"]) == {"jax", "onnx"}  # the jax record is kept
 
 
 def test_parity_failure_removes_the_file(ckpt, tmp_path, capsys):

@@ -204,20 +204,28 @@ def export_checkpoint(checkpoint: str, out_dir: str, formats: Sequence[str] = FO
 
 
 def time_runners(runners: Mapping[str, Callable[[np.ndarray], Any]], img_size: int,
-                 batch_sizes: Sequence[int] = (1, 16), rounds: int = 5,
-                 min_seconds: float = 1.0) -> dict[str, dict[int, float]]:
-  """Images/s of each runner, rounds interleaved (runner A, B, A, B, ...): best round."""
-  best: dict[str, dict[int, float]] = {k: {} for k in runners}
+                 batch_sizes: Sequence[int] = (1, 16), rounds: int = 3,
+                 min_seconds: float = 1.0) -> dict[str, dict[int, dict[str, float]]]:
+  """{runner: {batch: images_per_s, cpu_s_per_image}}, rounds interleaved (A, B, A, B, ...).
+
+  Best round of each. CPU seconds (all threads of this process) per image tell
+  a slow runner from a busy machine: wall-clock rates drop with the load, CPU
+  time much less.
+  """
+  best: dict[str, dict[int, dict[str, float]]] = {k: {} for k in runners}
   for bs in batch_sizes:
     x = np.random.default_rng(0).standard_normal((bs, img_size, img_size, 3)).astype(np.float32)
     for run in runners.values():
       np.asarray(run(x))  # compile / warm up
     for _ in range(rounds):
       for name, run in runners.items():
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while n < 2 or time.perf_counter() - t0 < min_seconds:
           np.asarray(run(x))
           n += 1
         rate = n * bs / (time.perf_counter() - t0)
-        best[name][bs] = max(best[name].get(bs, 0.0), rate)
+        cpu = (time.process_time() - c0) / (n * bs)
+        old = best[name].get(bs, {"images_per_s": 0.0, "cpu_s_per_image": float("inf")})
+        best[name][bs] = {"images_per_s": max(old["images_per_s"], rate),
+                          "cpu_s_per_image": min(old["cpu_s_per_image"], cpu)}
   return best

@@ -4,8 +4,8 @@
       [--max_upload_mb 10]
 
 Without --checkpoint it runs the embedded demo model (qcs_jax/assets/demo_model:
-the small QCS of configs/synthetic.py trained on the synthetic faces, so its
-labels on real photos are only a demonstration). Works offline: the page has
+the inference path of configs/synthetic.py:baseline trained on the synthetic
+faces, so its labels on real photos are only a demonstration). Works offline: the page has
 no external resources. Stop it with Ctrl-C.
 """
 from __future__ import annotations
@@ -56,9 +56,12 @@ def load(checkpoint: str | None) -> tuple[Any, str]:
   if not (DEMO_MODEL / "model.json").is_file():
     raise CheckpointError(f"the embedded demo model is missing ({DEMO_MODEL}); pass "
                           "--checkpoint DIR")
-  return (load_checkpoint(str(DEMO_MODEL)),
-          "Model: the embedded demo model (a small QCS trained on synthetic cartoon faces: "
-          "its labels on real photos are a demonstration, not a measurement).")
+  model = load_checkpoint(str(DEMO_MODEL))
+  acc = (model.metadata.get("extra") or {}).get("accuracy")
+  score = f", {100 * acc:.1f}% test accuracy there" if isinstance(acc, float) else ""
+  return model, ("Model: the embedded demo model (the small network of configs/synthetic.py "
+                 f"trained on synthetic cartoon faces{score}: its labels on real photos are a "
+                 "demonstration, not a measurement).")
 
 
 def build_app(checkpoint: str | None, max_upload_mb: float = 10.0) -> Any:

@@ -126,3 +126,14 @@ def test_recognize_adapter_matches_predict(tmp_path):
 def test_demo_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
   assert demo.main(["--checkpoint", str(tmp_path / "none"), "--port", "0"]) == 2
   assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_embedded_demo_model_is_trained():
+  """The shipped model loads without a checkpoint and beats chance (1/7) on synthetic faces."""
+  from qcs_jax.apps import export_lib
+  model, description = demo.load(None)
+  assert "embedded demo model" in description and model.class_names == NAMES
+  assert model.model_cfg["img_size"] == 64
+  x = export_lib.sample_faces(64, 70, seed=1000)
+  accuracy = float(np.mean(np.asarray(model.logits(x)).argmax(-1) == np.arange(70) % 7))
+  assert accuracy >= 0.25, accuracy

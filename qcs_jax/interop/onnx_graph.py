@@ -219,8 +219,8 @@ def build_onnx(variables: Mapping[str, Any], model_cfg: Mapping[str, Any],
              "embed_v")
   tokens = g.op("Concat", [_tokens(g, l, d, f"tokens{i}") for i, l in enumerate((l1, l2, l3))],
                 "tokens", axis=1)
-  logits = _vit(g, tokens, params["VIT_base"], 3 * tokens_per_level(size), d, heads)
-  g.nodes[-1].output[0] = OUTPUT
+  _vit(g, tokens, params["VIT_base"], 3 * tokens_per_level(size), d, heads)
+  g.nodes[-1].output[0] = OUTPUT  # the head's bias Add, the graph's last node
   graph = helper.make_graph(
       g.nodes, "qcs_inference",
       [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", size, size, 3])],

@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from qcs_jax import checkpoint, export, predict
 from qcs_jax.apps import export_lib
-from qcs_jax.data import synthetic
+from qcs_jax.data import synthetic, transforms
 from qcs_jax.interop import onnx_graph
 from qcs_jax.models import build_model
 from qcs_jax.models.shapes import model_cfg_dict
@@ -80,6 +81,13 @@ def test_cli_writes_verified_artefacts(ckpt, tmp_path, capsys):
   props = sess.get_modelmeta().custom_metadata_map
   assert json.loads(props["class_names"]) == NAMES
   assert props["preprocessing.channel_order"] == "RGB"
+  # The README's recipe: preprocessing from export.json alone, as another program would.
+  face = Image.fromarray(synthetic.render_face("Fear", 80, seed=4))
+  x = face.convert("RGB").resize((32, 32), Image.BILINEAR)
+  x = ((np.asarray(x, np.float32) / 255 - pre["mean"]) / pre["std"]).astype(np.float32)[None]
+  want = np.asarray(checkpoint.load_model(ckpt).logits(
+      transforms.build_transform(None, 32, train=False)(np.asarray(face))[None]))
+  assert export_lib.relative_error(sess.run(["logits"], {"images": x})[0], want) < 1e-5
   # The jax.export artefact runs in a process that never imports qcs_jax (or flax).
   faces = export_lib.sample_faces(32, 3)
   np.save(tmp_path / "x.npy", faces)

@@ -18,7 +18,8 @@ from qcs_jax.models.qcs import NUM_BRANCHES  # re-exported: images per training 
 from qcs_jax.models.shapes import DEFAULT_MODEL_CFG
 
 __all__ = ["NUM_BRANCHES", "NUM_CLASSES", "ConfigError", "base_config", "paper_config",
-           "recipe", "baseline_of", "load_config_file", "synthetic", "check_config", "parse_flags_or_exit"]
+           "recipe", "baseline_of", "load_config_file", "synthetic", "check_config",
+           "parse_flags_or_exit"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NUM_CLASSES = {"rafdb": 7, "ferplus": 8, "affectnet7": 7, "affectnet8": 8, "synthetic": 7}

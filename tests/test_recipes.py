@@ -214,3 +214,15 @@ def test_paper_config_rejects_unknown_names():
     config_lib.paper_config("qcs", "ckplus")
   with pytest.raises(ValueError, match="model must be one of"):
     config_lib.paper_config("triplet", "rafdb")
+
+
+def test_recipe_by_name_reads_the_config_file():
+  """config.recipe(model, dataset), as the model zoo calls it, is the configs/ file."""
+  for model, suffix in (("qcs", ""), ("dcs", "_dcs"), ("baseline", "_baseline")):
+    for dataset in DATASETS.values():
+      got = config_lib.recipe(model, dataset).to_dict()
+      assert got == load(f"{dataset}{suffix}.py").to_dict(), (model, dataset)
+      assert got["model"]["name"] == model and got["data"]["name"] == dataset
+      assert got["init"]["require_backbone"]  # every paper number starts from the IR50
+  with pytest.raises(ValueError, match="dataset must be one of"):
+    config_lib.recipe("qcs", "synthetic_faces")

@@ -1,41 +1,38 @@
-"""Recipe configs as code: the paper's training recipes (DATA_AND_TRAINING.md) and the demo.
+"""The base of every config in configs/: all fields with their defaults.
 
-Each file in configs/ is a one-line ``get_config()`` over ``recipe()`` so every
-field can be overridden on the command line (``--config.optim.lr=3e-6``).
+A recipe file (configs/<data set>[_dcs|_baseline].py) starts from
+``paper_config(model, dataset)`` and sets each value of its released training
+script by name, with the script (or paper) line it comes from; every field can
+still be overridden on the command line (``--config.optim.lr=3e-6``).
+tests/test_recipes.py checks the recipe files against the released scripts
+(tests/fixtures/released_recipes.json).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
-NUM_BRANCHES = {"baseline": 1, "dcs": 2, "qcs": 4}
+from qcs_jax.models.qcs import NUM_BRANCHES  # re-exported: images per training sample
+from qcs_jax.models.shapes import DEFAULT_MODEL_CFG
 
-# (model, data) -> batch of anchors, lr, epochs, VIT_cross dropout, VIT_base dropout,
-# anchor sampling, negative sampling, epoch fraction. From the released scripts.
-RECIPES = {
-    ("dcs", "rafdb"): (48, 9e-6, 200, 0.2, 0.0, "shuffle", "random", 1.0),
-    ("qcs", "rafdb"): (24, 4e-6, 200, 0.0, 0.0, "shuffle", "random", 1.0),
-    ("dcs", "ferplus"): (24, 8e-6, 150, 0.2, 0.0, "shuffle", "random", 1.0),
-    ("qcs", "ferplus"): (24, 3.5e-6, 150, 0.2, 0.0, "shuffle", "random", 1.0),
-    ("dcs", "affectnet7"): (48, 9e-6, 100, 0.4, 0.0, "balanced", "random", 1 / 8),
-    ("qcs", "affectnet7"): (24, 4e-6, 150, 0.4, 0.0, "balanced", "balanced", 1 / 12),
-    ("dcs", "affectnet8"): (48, 8e-6, 50, 0.5, 0.2, "balanced", "random", 1 / 8),
-    ("qcs", "affectnet8"): (24, 4e-6, 100, 0.0, 0.0, "balanced", "balanced", 1 / 12),
-}
+__all__ = ["NUM_BRANCHES", "NUM_CLASSES", "ConfigError", "base_config", "paper_config",
+           "recipe", "baseline_of", "load_config_file", "synthetic", "check_config",
+           "parse_flags_or_exit"]
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NUM_CLASSES = {"rafdb": 7, "ferplus": 8, "affectnet7": 7, "affectnet8": 8, "synthetic": 7}
-AUGMENT = {"rafdb": "rafdb", "ferplus": "ferplus", "affectnet7": "affectnet",
-           "affectnet8": "affectnet", "synthetic": "synthetic"}
+# The similarity each paper model refines with (ARCHITECTURE.md): DCS one S, QCS S and D.
+CSA = {"qcs": "sd", "dcs": "s", "baseline": DEFAULT_MODEL_CFG["csa"]}
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field with its default; recipes change a few."""
-  from qcs_jax.data.transforms import recipe_augment
+  """Every field with its default (model: QCSModel's fields; the rest: QCS on RAF-DB)."""
+  from qcs_jax.data.transforms import recipe_augment  # pylint: disable=import-outside-toplevel
 
   c = ml_collections.ConfigDict()
-  c.model = dict(
-      name="qcs", csa="sd", minmax="global", num_classes=7, img_size=224,
-      stage_channels=(64, 128, 256), stage_units=(3, 4, 14), embed_dim=768, num_heads=8,
-      mlp_ratio=4.0, base_depth=2, cross_depth=1, base_drop=0.0, cross_drop=0.0,
-      base_proj_drop=0.0, cross_proj_drop=0.0, dtype="float32")
+  c.model = dict(DEFAULT_MODEL_CFG)
   c.data = dict(
       name="rafdb", root="", train_split="train", test_split="test", batch_size=24,
       eval_batch_size=64, workers=2, on_bad_image="error", anchors="shuffle",
@@ -45,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
       augment=recipe_augment("rafdb"),
       synthetic=dict(num_train=10000, num_test=2000, image_size=112, seed=0,
                      confound=(), label_noise=0.05))
+  # Every released script: SAM(params, torch.optim.Adam, lr, rho=0.05) with Adam's
+  # defaults (its --wd and --beta are parsed but never used) and ExponentialLR(0.98).
   c.optim = dict(lr=4e-6, rho=0.05, b1=0.9, b2=0.999, eps=1e-8, gamma=0.98, sam=True,
                  warmup_steps=0)
   c.train = dict(epochs=200, seed=0, log_every=50, checkpoint_every=500, keep=2,
@@ -56,33 +55,60 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def recipe(model: str, data: str) -> ml_collections.ConfigDict:
-  """The released recipe of ``model`` ('qcs', 'dcs', 'baseline') on ``data``."""
+def paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
+  """The part every paper recipe shares: the model and data set named, the paper's
+  network (IR50 + ViT, 224 px), the released optimiser. A recipe file sets the rest."""
+  if model not in NUM_BRANCHES:
+    raise ValueError(f"model must be one of {sorted(NUM_BRANCHES)}, got {model!r}")
+  if dataset not in NUM_CLASSES:
+    raise ValueError(f"dataset must be one of {sorted(NUM_CLASSES)}, got {dataset!r}")
   c = base_config()
-  key = (model if model != "baseline" else "dcs", data)
-  batch, lr, epochs, cross_drop, base_drop, anchors, negatives, fraction = RECIPES[key]
-  eight = NUM_CLASSES[data] == 8  # the 8-class files also drop after attn.proj
-  c.model.update(name=model, csa="s" if model == "dcs" else "sd",
-                 num_classes=NUM_CLASSES[data], cross_drop=cross_drop, base_drop=base_drop,
-                 cross_proj_drop=cross_drop if eight else 0.0,
-                 base_proj_drop=base_drop if eight else 0.0)
-  from qcs_jax.data.transforms import recipe_augment
-  c.data.update(name=data, batch_size=batch, anchors=anchors, negatives=negatives,
-                epoch_fraction=fraction, augment=recipe_augment(AUGMENT[data]))
-  if data == "ferplus":
-    c.data.test_split = "test"
-  c.optim.lr = lr
-  c.train.epochs = epochs
+  c.model.update(name=model, csa=CSA[model], num_classes=NUM_CLASSES[dataset])
+  c.data.name = dataset
   c.init.require_backbone = True  # every paper number starts from the Ms-Celeb-1M IR50
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of a config file given by path (as --config loads it)."""
+  spec = importlib.util.spec_from_file_location(
+      "qcs_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f"cannot load config file {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def recipe(model: str, dataset: str) -> ml_collections.ConfigDict:
+  """The config of a paper recipe, read from its file configs/<dataset>[_dcs|_baseline].py
+  (the files ship with the repository, beside this package)."""
+  paper_config(model, dataset)  # names checked
+  name = dataset + ("" if model == "qcs" else "_" + model) + ".py"
+  path = os.path.join(CONFIGS_DIR, name)
+  if not os.path.isfile(path):
+    raise ValueError(f"recipe {model} on {dataset}: no config file {path} (configs/ is part "
+                     "of the repository checkout, not of an installed wheel)")
+  return load_config_file(path)
+
+
+def baseline_of(config_file: str, dcs_file: str) -> ml_collections.ConfigDict:
+  """The IR50+ViT baseline (paper Table 1) trained as the DCS recipe next to it.
+
+  No script for the baseline was released; the paper's ablation trains it with the
+  DCS settings. ``config_file`` is the caller's __file__, ``dcs_file`` a sibling.
+  """
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), dcs_file))
+  c.model.update(name="baseline", csa=CSA["baseline"])
   return c
 
 
 def synthetic(model: str = "qcs") -> ml_collections.ConfigDict:
   """The embedded demo: a small network on the synthetic faces, minutes on 2 CPU cores."""
   c = base_config()
-  c.model.update(name=model, csa="s" if model == "dcs" else "sd", num_classes=7, img_size=64,
-                 stage_channels=(16, 32, 64), stage_units=(1, 1, 2), embed_dim=64,
-                 num_heads=4, base_depth=1, cross_depth=1)
+  c.model.update(name=model, csa=CSA[model], num_classes=NUM_CLASSES["synthetic"],
+                 img_size=64, stage_channels=(16, 32, 64), stage_units=(1, 1, 2),
+                 embed_dim=64, num_heads=4, base_depth=1, cross_depth=1)
   c.data.update(name="synthetic", batch_size=32, eval_batch_size=256, workers=0,
                 augment={"resize": 64, "rotate": 0, "crop": False, "hflip": True,
                          "jitter": (0.1, 0.1, 0.1, 0.0), "erase_scale": (),

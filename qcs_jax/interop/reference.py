@@ -25,12 +25,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The fields of config.model (ARCHITECTURE.md / team brief), paper size.
-FULL_CFG: dict[str, Any] = dict(
-    name='qcs', csa='sd', minmax='global', num_classes=7, img_size=224,
-    stage_channels=(64, 128, 256), stage_units=(3, 4, 14), embed_dim=768,
-    num_heads=8, mlp_ratio=4.0, base_depth=2, cross_depth=1, base_drop=0.0,
-    cross_drop=0.0, base_proj_drop=0.0, cross_proj_drop=0.0, dtype='float32')
+from qcs_jax.models.qcs import NUM_BRANCHES  # pylint: disable=unused-import
+from qcs_jax.models.shapes import DEFAULT_MODEL_CFG
+
+# The fields of config.model at paper size: the one source of model defaults.
+FULL_CFG: dict[str, Any] = dict(DEFAULT_MODEL_CFG)
 
 # A tiny model: 64x64 images -> 2x2 tokens per level (12 tokens). Units
 # (2, 1, 2) cover every unit kind: subsampling and identity shortcuts, conv
@@ -41,8 +40,6 @@ TINY_CFG: dict[str, Any] = dict(
 
 # XLA options for test-only jits: no LLVM optimisation, ~3x faster compiles.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-NUM_BRANCHES = {'baseline': 1, 'dcs': 2, 'qcs': 4}
 
 
 def make_cfg(base: dict[str, Any] | None = None, **overrides) -> dict[str, Any]:

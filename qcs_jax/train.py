@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qcs_jax import runtime
-from qcs_jax.training import train_lib
+from qcs_jax.training import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
                                           lock_config=True)
@@ -17,8 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  train_lib.maybe_initialize_distributed()
-  best = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  distributed.maybe_initialize_distributed()
+  best = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if best:
     print(f"best test accuracy {100 * best['best_accuracy']:.2f}% at epoch "
           f"{best['best_epoch']}; model in {_WORKDIR.value}/best")

@@ -14,10 +14,11 @@ import numpy as np
 from qcs_jax import checkpoint as ckpt_io
 from qcs_jax.config import NUM_BRANCHES
 from qcs_jax.models import build_model
-from qcs_jax.training import metrics as metrics_lib, optim
-from qcs_jax.training.checkpoints import (check_config, checkpoint_manager, restore_checkpoint,
-                                          save_checkpoint, truncate_metrics)
-from qcs_jax.training.metrics_log import MetricsLog
+from qcs_jax.training import distributed, metrics as metrics_lib, optim
+from qcs_jax.training.checkpoints import (check_config, checkpoint_manager, disk_full_error,
+                                          is_disk_full, restore_checkpoint, save_checkpoint,
+                                          truncate_metrics)
+from qcs_jax.training.metrics_log import MetricsLog, NullLog
 from qcs_jax.training.state import apply_init, create_state, init_variables, make_mesh
 from qcs_jax.training.step import evaluate, make_eval_step, make_train_step, shard_batch
 
@@ -57,15 +58,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = make_mesh()
   nb = NUM_BRANCHES[cfg.model.name]
   ndev = mesh.devices.size
+  # Multi-process: process 0 alone writes files and logs; each process builds
+  # its own rows of every batch (`part`).
+  writer = jax.process_index() == 0
+  part = (jax.process_index(), jax.process_count())
+  say = print if writer else (lambda *a, **k: None)
   if cfg.data.batch_size % ndev:
-    raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the "
-                     f"{ndev} devices")
+    raise ValueError(f"data.batch_size={cfg.data.batch_size} does not divide among the "
+                     f"{ndev} devices ({jax.process_count()} processes): use a multiple "
+                     f"of {ndev}")
   eval_bs = -(-cfg.data.eval_batch_size // ndev) * ndev
 
   train_src = sources.open_split(cfg.data, cfg.data.train_split)
   test_src = sources.open_split(cfg.data, cfg.data.test_split)
   for s in (train_src, test_src):
-    print(s.summary(), flush=True)
+    say(s.summary(), flush=True)
   for w in sources.validate_for_training(train_src):
     log.warning("%s", w)
   if train_src.num_classes != cfg.model.num_classes:
@@ -82,6 +89,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   rng = jax.random.PRNGKey(cfg.train.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = init_variables(model, cfg, init_rng)
+  distributed.barrier("checkpoint manager")  # its first collective sets up gloo
   mngr = checkpoint_manager(workdir, cfg.train.keep)
   restored = restore_checkpoint(mngr, jax.eval_shape(
       lambda v, r: create_state(v, tx, r, mesh), variables, state_rng), mesh)
@@ -91,11 +99,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             "best_epoch": -1}
   else:
     state, meta = restored
-    print(f"resuming {workdir} at epoch {meta['epoch']} step {meta['step_in_epoch']} "
+    say(f"resuming {workdir} at epoch {meta['epoch']} step {meta['step_in_epoch']} "
           f"(global step {meta['global_step']})", flush=True)
   del variables
-  metrics_log = MetricsLog(workdir)
-  truncate_metrics(metrics_log.path, meta["global_step"], meta["epoch"])
+  metrics_log = MetricsLog(workdir) if writer else NullLog(workdir)
+  if writer:
+    truncate_metrics(metrics_log.path, meta["global_step"], meta["epoch"])
 
   train_step = make_train_step(model, tx, mesh)
   eval_step = make_eval_step(model, mesh)
@@ -105,12 +114,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   # preparing the next epoch's batches while the test split is evaluated.
   batches = pipeline.train_batches(
       train_src, cfg.data, cfg.model.img_size, nb, cfg.train.seed, meta["epoch"],
-      start_step=meta["step_in_epoch"], num_epochs=max(cfg.train.epochs - meta["epoch"], 1))
+      start_step=meta["step_in_epoch"], num_epochs=max(cfg.train.epochs - meta["epoch"], 1),
+      part=part)
   try:
     for epoch in range(meta["epoch"], cfg.train.epochs):
       start = meta["step_in_epoch"] if epoch == meta["epoch"] else 0
       bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                 unit="step", disable=not cfg.train.progress, dynamic_ncols=True)
+                 unit="step", disable=not (cfg.train.progress and writer), dynamic_ncols=True)
       pending, t0, done, in_flight = [], time.perf_counter(), 0, collections.deque()
       for i, batch in zip(range(start, steps), batches):
         state, m = train_step(state, shard_batch(batch["image"], mesh),
@@ -146,24 +156,25 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         if cfg.train.stop_after_steps and gstep >= cfg.train.stop_after_steps:
           mngr.wait_until_finished()
           bar.close()
-          print(f"stopping after step {gstep} (train.stop_after_steps)", flush=True)
+          say(f"stopping after step {gstep} (train.stop_after_steps)", flush=True)
           return best
       _advance(bar, steps)
       bar.close()
       # Evaluation of the test split (inference path only) after each epoch.
       labels, preds, _, _ = evaluate(eval_step, state.variables, pipeline.eval_batches(
-          test_src, cfg.data, cfg.model.img_size, eval_bs), cfg.model.num_classes, mesh)
+          test_src, cfg.data, cfg.model.img_size, eval_bs, part), cfg.model.num_classes, mesh)
       cm = metrics_lib.confusion_matrix(labels, preds, cfg.model.num_classes)
       summary = metrics_lib.summarize(cm, test_src.class_names)
       row = {"kind": "eval", "step": (epoch + 1) * steps, "epoch": epoch + 1,
              **{k: v for k, v in summary.items() if k != "per_class"}}
       metrics_log.write(row)
       improved = summary["accuracy"] > meta["best_accuracy"]
-      print(f"epoch {epoch + 1}: test accuracy {100 * summary['accuracy']:.2f}% "
+      say(f"epoch {epoch + 1}: test accuracy {100 * summary['accuracy']:.2f}% "
             f"(mean class {100 * summary['mean_class_accuracy']:.2f}%)"
             + (" *best*" if improved else ""), flush=True)
       if improved:
         meta.update(best_accuracy=summary["accuracy"], best_epoch=epoch + 1)
+      if improved and writer:
         ckpt_io.save_variables(
             os.path.join(workdir, "best"), jax.device_get(state.variables), cfg.model.to_dict(),
             extra={"epoch": epoch + 1, "accuracy": summary["accuracy"],
@@ -177,11 +188,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       meta.update(global_step=(epoch + 1) * steps, epoch=epoch + 1, step_in_epoch=0,
                   data=batches.get_state())
       save_checkpoint(mngr, state, meta)
-      plots.plot_curves(metrics_log.path, os.path.join(workdir, "curves.png"))
+      if writer:
+        plots.plot_curves(metrics_log.path, os.path.join(workdir, "curves.png"))
     best = {"best_accuracy": meta["best_accuracy"], "best_epoch": meta["best_epoch"]}
     return best
+  except Exception as e:
+    if is_disk_full(e):
+      raise disk_full_error(workdir, mngr) from e
+    raise
   finally:
     batches.close()
-    mngr.wait_until_finished()
-    mngr.close()
     metrics_log.close()
+    try:
+      mngr.wait_until_finished()  # an async save's error surfaces here
+      mngr.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if is_disk_full(e):
+        raise disk_full_error(workdir, mngr) from e
+      raise

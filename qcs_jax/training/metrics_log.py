@@ -1,4 +1,4 @@
-"""metrics.jsonl plus TensorBoard event files."""
+"""metrics.jsonl plus TensorBoard event files (written by process 0 only)."""
 from __future__ import annotations
 
 import json
@@ -23,3 +23,16 @@ class MetricsLog:
 
   def close(self) -> None:
     self.tb.close()
+
+
+class NullLog:
+  """MetricsLog's stand-in in processes other than 0 of a multi-process job."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, row: dict) -> None:
+    del row
+
+  def close(self) -> None:
+    pass

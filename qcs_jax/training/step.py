@@ -73,30 +73,40 @@ def make_eval_step(model, mesh: Mesh):
 
 
 def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Global host batch -> array sharded along 'data'.
+  """This process's rows of a global batch -> the global array sharded along 'data'.
 
-  Multi-host: every process builds the same global batch (the pipeline is a pure
-  function of (seed, epoch, step)) and contributes its contiguous slice. Simple
-  and exact; it decodes P times the images, which a per-process pipeline would avoid.
+  Every process passes its own contiguous block (pipeline ``part``), all of the
+  same size; the global batch is their concatenation in process order.
   """
-  n, i = jax.process_count(), jax.process_index()
-  if n > 1:
-    per = x.shape[0] // n
-    x = x[i * per:(i + 1) * per]
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x)
+  global_shape = (x.shape[0] * jax.process_count(),) + tuple(x.shape[1:])
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x,
+                                                global_shape)
+
+
+def _gather(logits: jax.Array, batch: dict) -> dict:
+  """The whole global batch's logits, labels, indices and mask, on every process."""
+  local = {k: np.asarray(batch[k]) for k in ("label", "index", "mask")}
+  if jax.process_count() == 1:
+    return {"logits": np.asarray(jax.device_get(logits)), **local}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return multihost_utils.process_allgather({"logits": logits, **local}, tiled=True)
 
 
 def evaluate(eval_step, variables, batches: Iterator[dict], num_classes: int,
              mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Runs the jitted inference over padded batches; returns labels, preds, indices, logits."""
+  """Runs the jitted inference over padded batches; returns labels, preds, indices, logits.
+
+  With several processes each batch holds this process's rows only; the results
+  are gathered, so every process returns those of the whole split.
+  """
   labels, preds, index, logits = [], [], [], []
   for b in batches:
-    out = np.asarray(jax.device_get(eval_step(variables, shard_batch(b["image"], mesh))))
-    keep = np.asarray(b["mask"], bool)
-    labels.append(np.asarray(b["label"])[keep])
-    index.append(np.asarray(b["index"])[keep])
-    logits.append(out[keep])
-    preds.append(out[keep].argmax(-1))
+    g = _gather(eval_step(variables, shard_batch(b["image"], mesh)), b)
+    keep = g["mask"].astype(bool)
+    labels.append(g["label"][keep])
+    index.append(g["index"][keep])
+    logits.append(g["logits"][keep])
+    preds.append(g["logits"][keep].argmax(-1))
   cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
   return (cat(labels, (0,)).astype(int), cat(preds, (0,)).astype(int),
           cat(index, (0,)).astype(int), cat(logits, (0, num_classes)))

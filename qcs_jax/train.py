@@ -19,7 +19,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   distributed.maybe_initialize_distributed()
   best = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if best:
+  if best and distributed.is_writer():
     print(f"best test accuracy {100 * best['best_accuracy']:.2f}% at epoch "
           f"{best['best_epoch']}; model in {_WORKDIR.value}/best")
 

@@ -10,6 +10,7 @@ import time
 import flax
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qcs_jax.training.state import TrainState
@@ -164,11 +165,20 @@ def latest_variables(workdir: str) -> dict:
   """params and batch_stats of a training workdir's latest checkpoint, as numpy."""
   import orbax.checkpoint as ocp
   with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                             item_names=("state", "meta")) as mngr:
+                             item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                            "meta": ocp.JsonCheckpointHandler()}) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"{workdir}: no training checkpoint under checkpoints/")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # Onto this process's first device, whatever the topology it was saved from.
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = mngr.item_metadata(step)["state"]
+    shapes = getattr(shapes, "tree", shapes)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), shapes,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    state = jax.tree.map(np.asarray, state)
   return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 

@@ -116,6 +116,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       train_src, cfg.data, cfg.model.img_size, nb, cfg.train.seed, meta["epoch"],
       start_step=meta["step_in_epoch"], num_epochs=max(cfg.train.epochs - meta["epoch"], 1),
       part=part)
+  failed = False
   try:
     for epoch in range(meta["epoch"], cfg.train.epochs):
       start = meta["step_in_epoch"] if epoch == meta["epoch"] else 0
@@ -193,16 +194,30 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     best = {"best_accuracy": meta["best_accuracy"], "best_epoch": meta["best_epoch"]}
     return best
   except Exception as e:
+    failed = True
     if is_disk_full(e):
       raise disk_full_error(workdir, mngr) from e
     raise
   finally:
     batches.close()
-    metrics_log.close()
+    # An async save's error surfaces in wait_until_finished; after an error, one
+    # from closing (e.g. TensorBoard's flush on a full disk) must not mask it.
+    _close_all((metrics_log.close, mngr.wait_until_finished, mngr.close), workdir, mngr,
+               quiet=failed)
+
+
+def _close_all(closers, workdir: str, mngr, quiet: bool) -> None:
+  first = None
+  for close in closers:
     try:
-      mngr.wait_until_finished()  # an async save's error surfaces here
-      mngr.close()
+      close()
     except Exception as e:  # pylint: disable=broad-except
-      if is_disk_full(e):
-        raise disk_full_error(workdir, mngr) from e
-      raise
+      first = first or e
+  if first is None:
+    return
+  if quiet:
+    log.warning("while stopping after an error: %s: %s", type(first).__name__, first)
+  elif is_disk_full(first):
+    raise disk_full_error(workdir, mngr) from first
+  else:
+    raise first

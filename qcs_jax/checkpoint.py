@@ -41,6 +41,15 @@ def _kind(variables: Mapping[str, Any]) -> str:
   return 'backbone' if set(params) == {'ir_back'} else 'model'
 
 
+def _this_process_only(ocp: Any) -> Any:
+  """Orbax options for a save made by the calling process alone (in a multi-process
+  job, process 0 writes best/; orbax would otherwise wait for the others)."""
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  i = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=i, active_processes={i})
+
+
 def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any],
                    model_cfg: Any, extra: Mapping[str, Any] | None = None,
                    force: bool = False) -> pathlib.Path:
@@ -76,7 +85,7 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any],
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
   try:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only(ocp))
     ckptr.save(tmp / 'variables', host)
     ckptr.wait_until_finished()
     (tmp / 'model.json').write_text(meta_text)

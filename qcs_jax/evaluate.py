@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from qcs_jax import checkpoint as ckpt_io
 from qcs_jax.training import metrics as metrics_lib
 from qcs_jax import runtime
-from qcs_jax.training import train_lib
+from qcs_jax.training import state as train_state, step as train_step
 
 # config.model fields that do not change the weights or the logits' meaning.
 _SHOW_BAD = 20  # bad images listed in the report
@@ -188,14 +188,14 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
   for w in warnings if on_warning else ():
     on_warning(w)
 
-  mesh = train_lib.make_mesh()
+  mesh = train_state.make_mesh()
   ndev = mesh.devices.size
   bs = int(batch_size or cfg.data.get("eval_batch_size", 64))
   bs = -(-bs // ndev) * ndev
   img_size = int(mcfg.get("img_size", 224))
   variables = jax.device_put(loaded.variables, NamedSharding(mesh, P()))
   step = (make_tta_step(loaded.model, mesh) if tta_flip
-          else train_lib.make_eval_step(loaded.model, mesh))
+          else train_step.make_eval_step(loaded.model, mesh))
   try:
     batches = pipeline.eval_batches(src, cfg.data, img_size, bs)
   except ValueError as e:
@@ -203,7 +203,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
                      f"{img_size}: {e}") from e
   t0 = time.perf_counter()
   try:
-    labels, preds, index, logits = train_lib.evaluate(
+    labels, preds, index, logits = train_step.evaluate(
         step, variables, _with_progress(batches, len(src), progress, f"eval {src.name}"),
         num_classes, mesh)
   finally:

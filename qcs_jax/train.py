@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qcs_jax import runtime
-from qcs_jax.training import train_lib
+from qcs_jax.training import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
                                           lock_config=True)
@@ -44,20 +44,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  train_lib.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
                                               .split("=", 1)[-1])
   existed = os.path.exists(workdir)
-  print(f"workdir: {workdir}" + (" (resuming if it holds a run)" if existed else ""),
-        flush=True)
+  if distributed.is_writer():
+    print(f"workdir: {workdir}" + (" (resuming if it holds a run)" if existed else ""),
+          flush=True)
   try:
-    best = train_lib.train_and_evaluate(_CONFIG.value, workdir)
+    best = loop.train_and_evaluate(_CONFIG.value, workdir)
   except (ValueError, OSError) as e:  # DataError, CheckpointError, config errors
-    if _created_without_checkpoint(workdir, existed):
+    if distributed.is_writer() and _created_without_checkpoint(workdir, existed):
       shutil.rmtree(workdir, ignore_errors=True)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  if best:
+  if best and distributed.is_writer():
     print(f"best test accuracy {100 * best['best_accuracy']:.2f}% at epoch "
           f"{best['best_epoch']}; model in {workdir}/best")
 

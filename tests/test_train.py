@@ -15,7 +15,7 @@ from conftest import TINY_MODEL, tree_rel_err
 from qcs_jax import checkpoint as ckpt_io
 from qcs_jax import config as config_lib
 from qcs_jax import evaluate
-from qcs_jax.training import optim, train_lib
+from qcs_jax.training import checkpoints, loop, optim, state as train_state, step as train_step
 from qcs_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,15 +40,15 @@ def test_step_on_8_devices_equals_1_device(x64):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(8, 4, 64, 64, 3))
   labels = rng.integers(0, 7, size=(8, 4)).astype(np.int32)
-  variables = jax.tree.map(lambda x: np.asarray(x, np.float64), train_lib.init_variables(
+  variables = jax.tree.map(lambda x: np.asarray(x, np.float64), train_state.init_variables(
       m, cfg, jax.random.PRNGKey(0)))
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = train_lib.make_mesh(devices)
-    state = train_lib.create_state(variables, tx, jax.random.PRNGKey(1), mesh)
-    step = train_lib.make_train_step(m, tx, mesh)
-    state, metrics = step(state, train_lib.shard_batch(images, mesh),
-                          train_lib.shard_batch(labels, mesh))
+    mesh = train_state.make_mesh(devices)
+    state = train_state.create_state(variables, tx, jax.random.PRNGKey(1), mesh)
+    step = train_step.make_train_step(m, tx, mesh)
+    state, metrics = step(state, train_step.shard_batch(images, mesh),
+                          train_step.shard_batch(labels, mesh))
     results.append(jax.device_get((state.params, state.batch_stats, metrics["loss"])))
   (p1, s1, l1), (p8, s8, l8) = results
   assert jax.tree.leaves(p8)[0].dtype == np.float64
@@ -63,7 +63,7 @@ def test_step_on_8_devices_equals_1_device(x64):
 def full_run(tmp_path_factory):
   """One uninterrupted 2-epoch run of the tiny QCS: the reference for the resume tests."""
   workdir = str(tmp_path_factory.mktemp("full") / "run")
-  best = train_lib.train_and_evaluate(tiny_config(), workdir)
+  best = loop.train_and_evaluate(tiny_config(), workdir)
   return workdir, best
 
 
@@ -98,12 +98,12 @@ def test_train_end_to_end_writes_outputs(full_run):
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(again["preds"], np.argmax(again["probs"], -1))
   if best["best_epoch"] == 2:
-    last = train_lib.latest_variables(workdir)
+    last = checkpoints.latest_variables(workdir)
     assert tree_rel_err(loaded.variables, last) == 0.0
 
 
 def _assert_same_variables(workdir_a, workdir_b):
-  a, b = train_lib.latest_variables(workdir_a), train_lib.latest_variables(workdir_b)
+  a, b = checkpoints.latest_variables(workdir_a), checkpoints.latest_variables(workdir_b)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -113,8 +113,8 @@ def test_resume_after_stop_is_exact(full_run, tmp_path):
   part = str(tmp_path / "part")
   stopped = tiny_config()
   stopped.train.stop_after_steps = 13  # mid epoch 2 (9 steps per epoch), after a save at 12
-  train_lib.train_and_evaluate(stopped, part)
-  train_lib.train_and_evaluate(tiny_config(), part)  # the same command again resumes
+  loop.train_and_evaluate(stopped, part)
+  loop.train_and_evaluate(tiny_config(), part)  # the same command again resumes
   _assert_same_variables(full_run[0], part)
   rows = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if r["kind"] == "train"]
@@ -149,16 +149,16 @@ def test_changed_config_is_refused(tmp_path):
   cfg = tiny_config()
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  train_lib.check_config(workdir, cfg)
+  checkpoints.check_config(workdir, cfg)
   other = tiny_config()
   other.optim.lr = 0.5
   with pytest.raises(ValueError, match="optim.lr"):
-    train_lib.check_config(workdir, other)
+    checkpoints.check_config(workdir, other)
   other.train.allow_config_change = True
-  train_lib.check_config(workdir, other)  # asked for: accepted
+  checkpoints.check_config(workdir, other)  # asked for: accepted
   more = tiny_config()
   more.train.epochs = 50  # extending a run is not a config change
-  train_lib.check_config(workdir, more)
+  checkpoints.check_config(workdir, more)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -168,19 +168,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg.train.checkpoint_every = 1
   workdir = str(tmp_path / "run")
   with pytest.raises(FloatingPointError, match="step 1"):
-    train_lib.train_and_evaluate(cfg, workdir)
+    loop.train_and_evaluate(cfg, workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
 
 
 def test_init_from_converted_backbone_and_mismatch(tmp_path):
   cfg = tiny_config()
   m = build_model(cfg.model)
-  src = train_lib.init_variables(m, cfg, jax.random.PRNGKey(5))
+  src = train_state.init_variables(m, cfg, jax.random.PRNGKey(5))
   backbone = {c: {"ir_back": src[c]["ir_back"]} for c in ("params", "batch_stats")}
   ckpt_io.save_variables(str(tmp_path / "ir50"), jax.device_get(backbone), cfg.model.to_dict())
   cfg.init.backbone = str(tmp_path / "ir50")
-  fresh = train_lib.init_variables(m, cfg, jax.random.PRNGKey(6))
-  got = train_lib.apply_init(fresh, cfg.init)
+  fresh = train_state.init_variables(m, cfg, jax.random.PRNGKey(6))
+  got = train_state.apply_init(fresh, cfg.init)
   for x, y in zip(jax.tree.leaves(got["params"]["ir_back"]),
                   jax.tree.leaves(src["params"]["ir_back"])):
     np.testing.assert_array_equal(x, y)
@@ -189,5 +189,5 @@ def test_init_from_converted_backbone_and_mismatch(tmp_path):
   wide = tiny_config()
   wide.model.stage_channels = (8, 16, 32)
   with pytest.raises(ValueError, match="does not fit the configured model"):
-    train_lib.apply_init(train_lib.init_variables(build_model(wide.model), wide,
+    train_state.apply_init(train_state.init_variables(build_model(wide.model), wide,
                                                   jax.random.PRNGKey(0)), cfg.init)

@@ -1,4 +1,4 @@
-"""One full SAM + Adam training step: qcs_jax.training.train_lib vs the PyTorch reference, float64.
+"""One full SAM + Adam training step: qcs_jax.training.step vs the PyTorch reference, float64.
 
 Both frameworks start from the same weights (PyTorch reference -> qcs_jax.convert)
 and see the same batch, dropout 0. The PyTorch step is written out here as the
@@ -29,7 +29,7 @@ from qcs_jax import config as config_lib
 from qcs_jax.interop import converter as convert
 from qcs_jax.interop import reference as R
 from qcs_jax.models import NUM_BRANCHES, build_model
-from qcs_jax.training import optim, train_lib
+from qcs_jax.training import optim, state as train_state, step as train_step
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -100,14 +100,14 @@ def reference_step(ref, images, labels, lr, rho):
 
 
 def jax_step(cfg, variables, images, labels):
-  """train_lib's jitted SAM step on one device; returns (params, batch_stats, loss)."""
+  """qcs_jax.training.step's jitted SAM step on one device; returns (params, batch_stats, loss)."""
   model = build_model(cfg)
   tx = optim.make_optimizer(_optim_cfg(), steps_per_epoch=100)
-  mesh = train_lib.make_mesh(jax.devices()[:1])
-  state = train_lib.create_state(variables, tx, jax.random.PRNGKey(0), mesh)
-  step = train_lib.make_train_step(model, tx, mesh)
-  state, metrics = step(state, train_lib.shard_batch(images, mesh),
-                        train_lib.shard_batch(labels, mesh))
+  mesh = train_state.make_mesh(jax.devices()[:1])
+  state = train_state.create_state(variables, tx, jax.random.PRNGKey(0), mesh)
+  step = train_step.make_train_step(model, tx, mesh)
+  state, metrics = step(state, train_step.shard_batch(images, mesh),
+                        train_step.shard_batch(labels, mesh))
   params, stats, loss = jax.device_get((state.params, state.batch_stats, metrics['loss']))
   return params, stats, float(loss)
 

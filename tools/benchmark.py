@@ -11,12 +11,12 @@
 What runs:
 - train: one SAM step as the reference takes it (forward+backward at w, e = rho g /
   (||g|| + 1e-12), forward+backward at w + e, Adam at w with the second gradient).
-  JAX: qcs_jax.training.train_lib.make_train_step (jitted, state donated). PyTorch: that step
+  JAX: qcs_jax.training.step.make_train_step (jitted, state donated). PyTorch: that step
   written out with torch.optim.Adam over tests/torch_reference.py (one ir_back call
   per branch, as the authors' code). `--batch` counts anchors: a QCS step sees
   4 x batch images, DCS 2 x batch.
 - infer: the inference path only (ir_back -> embed -> VIT_base), JAX `method='infer'`
-  jitted (train_lib.make_eval_step), PyTorch `infer` under torch.inference_mode().
+  jitted (qcs_jax.training.step.make_eval_step), PyTorch `infer` under torch.inference_mode().
 
 Both frameworks get the weights of one `build_reference(cfg, seed)` (converted for
 JAX with qcs_jax.convert.convert_model), the same images and labels; the first
@@ -201,16 +201,16 @@ class JaxBench:
     # pylint: disable=import-outside-toplevel
     from qcs_jax import config as config_lib
     from qcs_jax.interop import converter as convert
-    from qcs_jax.training import optim, train_lib
+    from qcs_jax.training import optim, state as train_state, step as train_lib
     from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
-    self.jax, self.train_lib = jax, train_lib
+    self.jax, self.train_lib, self.train_state = jax, train_lib, train_state
     self.args, self.cfg = args, dict(cfg, dtype=args.dtype)
     t0 = time.perf_counter()
     self.variables, _ = convert.convert_model(sd, cfg)
     self.convert_s = time.perf_counter() - t0
     self.model = build_model(self.cfg)
     self.device = jax.devices()[0]
-    self.mesh = train_lib.make_mesh([self.device])
+    self.mesh = train_state.make_mesh([self.device])
     ocfg = config_lib.base_config().optim
     self.tx = optim.make_optimizer(ocfg, steps_per_epoch=1000)
     self.prepared: dict[str, dict] = {}
@@ -244,7 +244,8 @@ class JaxBench:
     jax, tl = self.jax, self.train_lib
     if key == "train":
       images, labels = make_batch(self.cfg, self.args.batch, self.args.seed)
-      state = tl.create_state(self.variables, self.tx, jax.random.PRNGKey(0), self.mesh)
+      state = self.train_state.create_state(self.variables, self.tx, jax.random.PRNGKey(0),
+                                            self.mesh)
       step = tl.make_train_step(self.model, self.tx, self.mesh)
       x, y = tl.shard_batch(images, self.mesh), tl.shard_batch(labels, self.mesh)
       t0 = time.perf_counter()

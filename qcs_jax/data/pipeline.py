@@ -61,6 +61,21 @@ def augment_rng(seed: int, epoch: int, position: int, branch: int) -> np.random.
   return _rng(_AUGMENT_KEY, seed, epoch, position, branch)
 
 
+def process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Rows [lo, hi) of a global batch that process `process_index` of `process_count` builds.
+
+  Contiguous equal blocks in process order, the order in which
+  ``jax.make_array_from_process_local_data`` places them on a ``data`` mesh.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process index {process_index} outside 0..{process_count - 1}")
+  if batch_size % process_count:
+    raise ValueError(f"a global batch of {batch_size} does not divide among "
+                     f"{process_count} processes")
+  per = batch_size // process_count
+  return process_index * per, (process_index + 1) * per
+
+
 def steps_per_epoch(sampler: Any, batch_size: int) -> int:
   """Full batches per epoch (the last incomplete batch is dropped)."""
   return int(sampler.epoch_length) // int(batch_size)
@@ -100,8 +115,9 @@ class _TrainStep:
   """
 
   def __init__(self, source, sampler, transform, batch_size, num_branches, seed, first_epoch,
-               num_steps, on_bad_image):
+               num_steps, on_bad_image, part=(0, 1)):
     self.source = source
+    self.part = part
     self.sampler = sampler
     self.transform = transform
     self.batch_size = batch_size
@@ -156,11 +172,12 @@ class _TrainStep:
   def __call__(self, g: int) -> dict[str, np.ndarray]:
     epoch, step = self.first_epoch + int(g) // self.num_steps, int(g) % self.num_steps
     b, nb, s = self.batch_size, self.num_branches, self.transform.img_size
-    images = np.empty((b, nb, s, s, 3), np.float32)
-    index = np.empty((b, nb), np.int32)
+    lo, hi = process_rows(b, *self.part)
+    images = np.empty((hi - lo, nb, s, s, 3), np.float32)
+    index = np.empty((hi - lo, nb), np.int32)
     bad = []
-    for a in range(b):
-      position = step * b + a
+    for a in range(hi - lo):
+      position = step * b + lo + a
       drawn = np.asarray(self.sampler.draw(epoch, position))
       for k in range(nb):
         i = int(drawn[k])
@@ -175,8 +192,9 @@ class _TrainStep:
 class _EvalStep:
   """batch number -> one padded evaluation batch with a mask."""
 
-  def __init__(self, source, transform, batch_size, on_bad_image):
+  def __init__(self, source, transform, batch_size, on_bad_image, part=(0, 1)):
     self.source = source
+    self.part = part
     self.transform = transform
     self.batch_size = batch_size
     self.skip = on_bad_image == "skip"
@@ -184,13 +202,14 @@ class _EvalStep:
 
   def __call__(self, batch: int) -> dict[str, np.ndarray]:
     b, s, n = self.batch_size, self.transform.img_size, len(self.labels)
-    images = np.zeros((b, s, s, 3), np.float32)
-    label = np.zeros((b,), np.int32)
-    index = np.full((b,), -1, np.int32)
-    mask = np.zeros((b,), bool)
+    lo, hi = process_rows(b, *self.part)
+    images = np.zeros((hi - lo, s, s, 3), np.float32)
+    label = np.zeros((hi - lo,), np.int32)
+    index = np.full((hi - lo,), -1, np.int32)
+    mask = np.zeros((hi - lo,), bool)
     bad = []
-    for a in range(b):
-      i = int(batch) * b + a
+    for a in range(hi - lo):
+      i = int(batch) * b + lo + a
       if i >= n:
         break
       label[a], index[a] = self.labels[i], i
@@ -309,7 +328,7 @@ class TrainBatches(_Batches):
   """
 
   def __init__(self, source, data_cfg, img_size, num_branches, seed, epoch, start_step=0,
-               num_epochs=1):
+               num_epochs=1, part=(0, 1)):
     on_bad, workers = _check_options(data_cfg)
     super().__init__(source, workers)
     if int(seed) < 0:
@@ -321,6 +340,8 @@ class TrainBatches(_Batches):
     self.batch_size = int(_get(data_cfg, "batch_size"))
     if self.batch_size < 1:
       raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+    process_rows(self.batch_size, *part)  # checks that the batch divides
+    self.part = tuple(part)
     self.sampler = make_sampler(source, data_cfg, self.num_branches, self.seed)
     self.num_steps = steps_per_epoch(self.sampler, self.batch_size)
     if self.num_steps == 0:
@@ -351,7 +372,7 @@ class TrainBatches(_Batches):
   def _dataset(self):
     fn = _TrainStep(self.source, self.sampler, self.transform, self.batch_size,
                     self.num_branches, self.seed, self.first_epoch, self.num_steps,
-                    self._on_bad)
+                    self._on_bad, self.part)
     return self._pipeline(fn, self._next, self._total)
 
   def _advance(self) -> None:
@@ -377,19 +398,21 @@ class TrainBatches(_Batches):
 class EvalBatches(_Batches):
   """The padded batches of a whole split; see eval_batches."""
 
-  def __init__(self, source, data_cfg, img_size, batch_size):
+  def __init__(self, source, data_cfg, img_size, batch_size, part=(0, 1)):
     on_bad, workers = _check_options(data_cfg)
     super().__init__(source, workers)
     self.batch_size = int(batch_size)
     if self.batch_size < 1:
       raise ValueError(f"eval batch size must be >= 1, got {self.batch_size}")
+    process_rows(self.batch_size, *part)
+    self.part = tuple(part)
     self.num_batches = math.ceil(len(source) / self.batch_size)
     self.transform = transforms.build_transform(_get(data_cfg, "augment"), img_size, train=False)
     self._on_bad = on_bad
     self._done = 0
 
   def _dataset(self):
-    fn = _EvalStep(self.source, self.transform, self.batch_size, self._on_bad)
+    fn = _EvalStep(self.source, self.transform, self.batch_size, self._on_bad, self.part)
     return self._pipeline(fn, 0, self.num_batches)
 
   def _advance(self) -> None:
@@ -400,7 +423,8 @@ class EvalBatches(_Batches):
 
 
 def train_batches(source: Any, data_cfg: Any, img_size: int, num_branches: int, seed: int,
-                  epoch: int, start_step: int = 0, num_epochs: int = 1) -> TrainBatches:
+                  epoch: int, start_step: int = 0, num_epochs: int = 1,
+                  part: tuple[int, int] = (0, 1)) -> TrainBatches:
   """Batches of one epoch, steps start_step..steps_per_epoch-1 (then of the next
   num_epochs - 1 epochs, from step 0, in the same worker processes).
 
@@ -408,15 +432,20 @@ def train_batches(source: Any, data_cfg: Any, img_size: int, num_branches: int, 
   (B, nb)), B = data_cfg.batch_size anchors; branch k of anchor p is
   BranchSampler(...).draw(epoch, p)[k] (QCS labels: y, y, y_neg, y_neg)
   augmented by data_cfg.augment with augment_rng(seed, epoch, p, k).
+
+  ``part=(i, P)``: process i of P builds only rows process_rows(B, i, P) of every
+  batch (B / P anchors); the P parts are disjoint and together the global batch.
   """
   return TrainBatches(source, data_cfg, img_size, num_branches, seed, epoch, start_step,
-                      num_epochs)
+                      num_epochs, part)
 
 
-def eval_batches(source: Any, data_cfg: Any, img_size: int, batch_size: int) -> EvalBatches:
+def eval_batches(source: Any, data_cfg: Any, img_size: int, batch_size: int,
+                 part: tuple[int, int] = (0, 1)) -> EvalBatches:
   """The whole split in order: dict(image (B, S, S, 3), label (B,), index (B,), mask (B,)).
 
   The last batch is padded (mask False, index -1, label 0, image 0); with
   on_bad_image='skip' a bad image is masked out too (its label and index kept).
+  ``part=(i, P)``: only rows process_rows(batch_size, i, P) of every batch.
   """
-  return EvalBatches(source, data_cfg, img_size, batch_size)
+  return EvalBatches(source, data_cfg, img_size, batch_size, part)

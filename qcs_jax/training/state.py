@@ -1,0 +1,96 @@
+"""Train state: TrainState, the device mesh, random init, loading init weights."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qcs_jax import checkpoint as ckpt_io
+from qcs_jax.config import NUM_BRANCHES
+
+log = logging.getLogger("qcs_jax")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jnp.ndarray
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def _dummy_images(cfg) -> jnp.ndarray:
+  s = cfg.model.img_size
+  return jnp.zeros((1, NUM_BRANCHES[cfg.model.name], s, s, 3), jnp.float32)
+
+
+def init_variables(model, cfg, rng) -> dict:
+  """Random variables with the init of ARCHITECTURE.md (host side, before sharding)."""
+  prng, drng = jax.random.split(rng)
+  v = jax.jit(lambda p, d: model.init({"params": p, "dropout": d}, _dummy_images(cfg),
+                                      train=False))(prng, drng)
+  return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+
+
+def _replace_subtree(target: dict, source: dict, what: str) -> dict:
+  """target with source's leaves, refusing any structure or shape mismatch."""
+  t_flat = flax.traverse_util.flatten_dict(target, sep="/")
+  s_flat = flax.traverse_util.flatten_dict(source, sep="/")
+  missing = sorted(set(t_flat) - set(s_flat))
+  extra = sorted(set(s_flat) - set(t_flat))
+  if missing or extra:
+    raise ValueError(f"{what}: checkpoint does not fit the configured model: "
+                     f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)})")
+  for k, v in s_flat.items():
+    if tuple(np.shape(v)) != tuple(np.shape(t_flat[k])):
+      raise ValueError(f"{what}: {k} has shape {np.shape(v)}, the model wants {np.shape(t_flat[k])}")
+  out = {k: jnp.asarray(v, dtype=t_flat[k].dtype) for k, v in s_flat.items()}
+  return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def apply_init(variables: dict, init_cfg) -> dict:
+  """Loads config.init.backbone (converted IR50) or config.init.checkpoint (full model)."""
+  variables = jax.tree.map(lambda x: x, variables)
+  if init_cfg.checkpoint:
+    loaded, _ = ckpt_io.load_variables(init_cfg.checkpoint)
+    for col in ("params", "batch_stats"):
+      variables[col] = _replace_subtree(variables[col], loaded.get(col, {}),
+                                        f"init.checkpoint={init_cfg.checkpoint} [{col}]")
+    log.info("initialised the whole model from %s", init_cfg.checkpoint)
+  elif init_cfg.backbone:
+    loaded, _ = ckpt_io.load_variables(init_cfg.backbone)
+    for col in ("params", "batch_stats"):
+      if "ir_back" not in loaded.get(col, {}):
+        raise ValueError(f"init.backbone={init_cfg.backbone}: no ir_back {col} in it")
+      variables[col]["ir_back"] = _replace_subtree(
+          variables[col]["ir_back"], loaded[col]["ir_back"],
+          f"init.backbone={init_cfg.backbone} [{col}]")
+    log.info("initialised ir_back from %s", init_cfg.backbone)
+  return variables
+
+
+def create_state(variables: dict, tx, rng, mesh: Mesh) -> TrainState:
+  """The replicated train state, built under jit with out_shardings from eval_shape."""
+
+  def make(v, r):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]), rng=r)
+
+  shapes = jax.eval_shape(make, variables, rng)
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes)
+  return jax.jit(make, out_shardings=shardings)(variables, rng)

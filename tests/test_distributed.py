@@ -1,0 +1,145 @@
+"""Multi-process training for real: 2 local processes over 127.0.0.1 (gloo) against one
+process with the same 2 devices; per-process batch parts; kill one process, rerun all."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from qcs_jax.data import pipeline, sources
+from qcs_jax.training import checkpoints, distributed, faults, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "tiny_train_config.py")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import tiny_train_config  # noqa: E402  pylint: disable=wrong-import-position
+
+TIMEOUT_S = 900
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, "-m", "qcs_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
+          *extra]
+
+
+def _env(devices):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = distributed._xla_flags(env.get("XLA_FLAGS", ""), devices)  # pylint: disable=protected-access
+  return env
+
+
+def _launch(workdir, processes=2, *extra):
+  procs = distributed.start_local(_train_cmd(workdir, *extra), processes, 1, cwd=ROOT,
+                                  base_env=_env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+  return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The tiny recipe trained by 1 process with 2 devices and by 2 processes with 1 each."""
+  root = tmp_path_factory.mktemp("mp")
+  one, two = str(root / "one"), str(root / "two")
+  single = subprocess.Popen(_train_cmd(one), env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+  procs = _launch(two)
+  code = distributed.wait_all(procs, TIMEOUT_S)
+  out = [p.stdout.read().decode() for p in procs]
+  assert code == 0, out[0][-3000:] + out[1][-3000:]
+  single_out = single.communicate(timeout=TIMEOUT_S)[0].decode()
+  assert single.returncode == 0, single_out[-3000:]
+  return one, two, out
+
+
+def test_two_processes_equal_one_process_with_two_devices(runs):
+  """float32, bit-exact: same global batch, same 2-device mesh, data decoded per process."""
+  one, two, _ = runs
+  a, b = checkpoints.latest_variables(one), checkpoints.latest_variables(two)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  rows_one, rows_two = faults.metrics_rows(one), faults.metrics_rows(two)
+  assert rows_one == rows_two
+  assert [r["step"] for r in rows_two if r["kind"] == "train"] == list(range(1, 13))
+  assert [r["epoch"] for r in rows_two if r["kind"] == "eval"] == [1, 2]
+  assert faults.compare(one, two)["best_exact"]
+
+
+def test_only_process_zero_writes(runs):
+  _, two, out = runs
+  assert "epoch 1: test accuracy" in out[0] and "epoch 1: test accuracy" not in out[1]
+  assert "synthetic/train" not in out[1]
+  names = sorted(os.listdir(two))
+  assert names == sorted(["best", "best_confusion.json", "best_confusion.png", "checkpoints",
+                          "config.json", "curves.png", "metrics.jsonl", "tb"]), names
+  assert len(os.listdir(os.path.join(two, "tb"))) == 1  # one event file: one writer
+  steps = sorted(os.listdir(os.path.join(two, "checkpoints")))
+  assert steps and all(s.isdigit() for s in steps), steps  # no orbax temporaries left
+
+
+def test_kill_one_process_then_rerun_all_resumes_exactly(runs, tmp_path):
+  one = runs[0]
+  killed = str(tmp_path / "killed")
+  procs = _launch(killed)
+  ck = os.path.join(killed, "checkpoints")
+  deadline = time.time() + TIMEOUT_S
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.isdir(ck) and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ck)):
+      break
+    time.sleep(0.05)
+  assert all(p.poll() is None for p in procs), "the run ended before the kill"
+  procs[1].send_signal(signal.SIGKILL)
+  code = distributed.wait_all(procs, TIMEOUT_S)  # the launcher's rule: stop the others
+  assert code != 0 and all(p.returncode is not None for p in procs)
+  procs = _launch(killed)
+  code = distributed.wait_all(procs, TIMEOUT_S)
+  out = procs[0].stdout.read().decode()
+  assert code == 0, out[-3000:]
+  assert "resuming" in out
+  got = faults.compare(one, killed)
+  assert got["weights_exact"] and got["best_exact"], got
+  assert got["rows_equal"] == got["rows"] == got["rows_other"], got
+
+
+def test_process_parts_are_disjoint_and_make_the_global_batch():
+  cfg = tiny_train_config.get_config()
+  src = sources.open_split(cfg.data, cfg.data.train_split)
+  whole = pipeline.train_batches(src, cfg.data, 32, 4, 3, epoch=1, start_step=2)
+  parts = [pipeline.train_batches(src, cfg.data, 32, 4, 3, epoch=1, start_step=2,
+                                  part=(i, 4)) for i in range(4)]
+  g, ps = next(whole), [next(p) for p in parts]
+  assert ps[0]["image"].shape[0] == 2
+  for k in ("image", "label", "index"):
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in ps]), g[k])
+  test = sources.open_split(cfg.data, cfg.data.test_split)
+  whole = list(pipeline.eval_batches(test, cfg.data, 32, 16))
+  parts = [list(pipeline.eval_batches(test, cfg.data, 32, 16, part=(i, 2))) for i in range(2)]
+  for n, g in enumerate(whole):
+    for k in ("image", "label", "index", "mask"):
+      np.testing.assert_array_equal(np.concatenate([parts[0][n][k], parts[1][n][k]]), g[k])
+  with pytest.raises(ValueError, match="batch of 8 does not divide among 3 processes"):
+    pipeline.train_batches(src, cfg.data, 32, 4, 3, epoch=0, part=(0, 3))
+
+
+def test_batch_not_dividing_the_devices_names_both(tmp_path):
+  cfg = tiny_train_config.get_config()
+  cfg.data.batch_size = 12
+  with pytest.raises(ValueError, match=r"batch_size=12 does not divide among the 8 devices"):
+    loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_environment_is_checked():
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer"):
+    distributed.maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID=2"):
+    distributed.maybe_initialize_distributed({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+                                              "JAX_NUM_PROCESSES": "2",
+                                              "JAX_PROCESS_ID": "2"})
+  assert not distributed.maybe_initialize_distributed({})
+  env = distributed.process_env(1, 2, 3, 1234, {"XLA_FLAGS": "--a=1 "
+                                                "--xla_force_host_platform_device_count=8"})
+  assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=3"
+  assert (env["JAX_PROCESS_ID"], env["JAX_NUM_PROCESSES"]) == ("1", "2")

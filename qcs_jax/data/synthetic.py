@@ -305,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--split", default="train", choices=sorted(SPLITS))
   ap.add_argument("--confound", default="",
-                  help="comma-separated nuisances, each optionally with its p: background:0.95,glasses")
+                  help="comma-separated nuisances, each with an optional p: "
+                       "background:0.95,glasses")
   ap.add_argument("--confound_strength", type=float, default=DEFAULT_CONFOUND_STRENGTH,
                   help="p of the nuisances listed without one")
   ap.add_argument("--label_noise", type=float, default=0.0)

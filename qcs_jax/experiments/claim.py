@@ -30,7 +30,7 @@ import resource
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 
@@ -60,7 +60,7 @@ class Settings:
   label_noise: float = 0.05
   width: str = "demo"
   images_per_step: int = 128  # QCS: the demo's 32 anchors
-  epochs: int = 20
+  epochs: int = 16
   gamma: float = 0.97  # lr decay per epoch of num_train images: the demo's 0.85 per 12,000
   budget: str = "images"
   root: str = ""
@@ -84,7 +84,7 @@ class Cell:
     return f"{self.model}{p}_seed{self.seed}"
 
 
-QUICK = dict(models=("baseline", "qcs-sd"), strengths=(0.0, 0.95), seeds=(0, 1),
+QUICK = dict(models=("baseline", "qcs-sd"), strengths=(0.0, 0.95), seeds=(0,),
              settings=Settings(image_size=32, num_train=224, num_test=70, width="tiny",
                                images_per_step=32, epochs=1))
 
@@ -277,7 +277,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(prog="qcs-claim", description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True, help="results folder (rerun the command to resume)")
   ap.add_argument("--quick", action="store_true",
-                  help="smoke test: 2 models x 2 strengths x 2 seeds, tiny network, 1 epoch")
+                  help="smoke test: baseline and QCS x 2 strengths x 1 seed, tiny network, 1 epoch")
   ap.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
   ap.add_argument("--strengths", default="0,0.5,0.8,0.95", help="confound strengths p")
   ap.add_argument("--seeds", default="0,1,2")
@@ -286,8 +286,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--data", default=d.data, help=f"synthetic or one of {','.join(REAL_DATA)}")
   ap.add_argument("--root", default="", help="data set folder (real data)")
   ap.add_argument("--csv", default="", help="path,label,split manifest (--data csv)")
-  ap.add_argument("--recipe", default=d.recipe,
-                  help="released recipe for real data: rafdb, ferplus, affectnet7, affectnet8")
+  ap.add_argument("--recipe", default=None,
+                  help="released recipe for real data: rafdb, ferplus, affectnet7, affectnet8 "
+                       "(default: --data's own, rafdb for folder and csv)")
   ap.add_argument("--image_size", type=int, default=d.image_size)
   ap.add_argument("--num_train", type=int, default=d.num_train)
   ap.add_argument("--num_test", type=int, default=d.num_test)
@@ -316,7 +317,8 @@ def settings_from_args(a: argparse.Namespace) -> tuple[Settings, list[Cell]]:
                width=a.width, images_per_step=a.images_per_step,
                epochs=a.epochs if a.epochs is not None else (0 if real else Settings.epochs),
                budget=a.budget or ("recipe" if real else "images"), root=a.root, csv=a.csv,
-               recipe=a.recipe, overrides=tuple(a.overrides))
+               recipe=a.recipe or (a.data if a.data in config_lib.AUGMENT else "rafdb"),
+               overrides=tuple(a.overrides))
   strengths = (None,) if real else _floats(a.strengths)
   cells = grid(_names(a.models), strengths, _ints(a.seeds))
   cell_config(s, cells[0])  # fails early on a bad option

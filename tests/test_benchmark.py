@@ -1,4 +1,4 @@
-"""tools/benchmark.py end to end on a small network: both frameworks, one inference
+"""tools/benchmark.py (qcs_jax.bench) end to end on a small network: both frameworks, one inference
 batch and one SAM train step, the same weights on both sides."""
 import json
 import os
@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from qcs_jax.bench import cli, common, report
 
-import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +19,9 @@ def bench_json(tmp_path_factory):
          "--model", "dcs", "--width", "small", "--img_size", "32", "--batch", "2",
          "--infer_batch", "3", "--steps", "2", "--warmup", "1", "--threads", "1",
          "--json", str(out), "--markdown"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # This checkout's qcs_jax, whatever copy the virtualenv has installed.
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   with open(out) as f:
@@ -44,7 +45,7 @@ def test_both_frameworks_compute_the_same_thing(bench_json):
 
 def test_markdown_rows_name_machine_versions_and_date(bench_json):
   saved, stdout = bench_json
-  assert benchmark.MD_HEADER.splitlines()[0] in stdout
+  assert report.MD_HEADER.splitlines()[0] in stdout
   md = [l for l in stdout.splitlines() if l.startswith(f"| {saved['date']} |")]
   assert len(md) == 4
   assert any("torch 2." in l for l in md) and any("jax 0." in l for l in md)
@@ -52,15 +53,15 @@ def test_markdown_rows_name_machine_versions_and_date(bench_json):
 
 
 def test_gpu_peak_table():
-  assert benchmark.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
-  assert benchmark.gpu_peak("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756e12)
-  assert benchmark.gpu_peak("NVIDIA H200")["tf32"] == pytest.approx(494.7e12)
-  assert benchmark.gpu_peak("cpu") is None
+  assert common.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
+  assert common.gpu_peak("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756e12)
+  assert common.gpu_peak("NVIDIA H200")["tf32"] == pytest.approx(494.7e12)
+  assert common.gpu_peak("cpu") is None
 
 
 def test_roofline_reports_the_best_gemm_rate(capsys, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() appends to it
-  benchmark.main(["--roofline", "--roofline_sizes", "128,256", "--steps", "2",
+  cli.main(["--roofline", "--roofline_sizes", "128,256", "--steps", "2",
                   "--threads", "1"])
   out = capsys.readouterr().out
   rates = [float(l.split(":")[1].split()[0]) for l in out.splitlines() if "GEMM:" in l]

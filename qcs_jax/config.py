@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="qcs", csa="sd", minmax="global", num_classes=7, img_size=224,
       stage_channels=(64, 128, 256), stage_units=(3, 4, 14), embed_dim=768, num_heads=8,
       mlp_ratio=4.0, base_depth=2, cross_depth=1, base_drop=0.0, cross_drop=0.0,
-      base_proj_drop=0.0, cross_proj_drop=0.0, dtype="float32")
+      base_proj_drop=0.0, cross_proj_drop=0.0, dtype="float32",
+      remat="none")
   c.data = dict(
       name="rafdb", root="", train_split="train", test_split="test", batch_size=24,
       eval_batch_size=64, workers=2, on_bad_image="error", anchors="shuffle",

@@ -50,12 +50,24 @@ def parse_args(argv=None):
   ap.add_argument("--img_size", type=int, default=0, help="0: the width preset's (224 / 64)")
   ap.add_argument("--width", choices=("paper", "small"), default="paper")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  ap.add_argument("--remat", choices=("none", "convs", "full"), default="none",
+                  help="JAX: config.model.remat (rematerialise IR units in the backward pass)")
+  ap.add_argument("--memory", default="",
+                  help="compile only: XLA buffer MiB of the JAX train step for each remat policy "
+                  "at these comma-separated batches")
   ap.add_argument("--steps", type=int, default=3, help="timed steps per contender")
   ap.add_argument("--infer_steps", type=int, default=0, help="timed inference steps (0: --steps)")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   ap.add_argument("--variant", action="append", default=[],
                   help="NAME=XLA_FLAGS: one more JAX contender with these extra XLA flags")
+  ap.add_argument("--extra", action="append", default=[],
+                  help="one more contender: jax[:DTYPE] or torch[:DTYPE][:channels_last], e.g. "
+                  "torch:float32:channels_last (what a tuned PyTorch user runs), jax:bfloat16")
+  ap.add_argument("--channels_last", action="store_true",
+                  help="torch: NHWC (channels_last) memory format for the network and inputs")
+  ap.add_argument("--random_weights", action="store_true",
+                  help="JAX only: random weights instead of the reference's (no torch needed)")
   ap.add_argument("--torch_flops", action="store_true",
                   help="count the reference's FLOPs with torch's FlopCounterMode (one more step)")
   ap.add_argument("--seed", type=int, default=0)
@@ -78,7 +90,7 @@ def parse_args(argv=None):
   args.roofline_sizes = [int(n) for n in str(args.roofline_sizes).split(",") if n]
   # What a worker needs to rebuild the same model and batch.
   args.passthrough = ["--model", args.model, "--batch", str(args.batch), "--img_size",
-                      str(args.img_size), "--width", args.width, "--dtype", args.dtype,
+                      str(args.img_size), "--width", args.width, "--remat", args.remat,
                       "--threads", str(args.threads), "--seed", str(args.seed)] + (
                           ["--torch_flops"] if args.torch_flops else [])
   return args
@@ -86,7 +98,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  if (args.worker and args.framework == "jax") or args.profile or args.parts or args.roofline:
+  if ((args.worker and args.framework == "jax") or args.profile or args.parts or args.roofline
+      or args.memory):
     # What the entry points run with (a --variant's own XLA_FLAGS win).
     from qcs_jax import runtime  # pylint: disable=import-outside-toplevel
     runtime.set_cpu_xla_defaults()
@@ -97,6 +110,9 @@ def main(argv=None) -> None:
   elif args.report:
     from qcs_jax.bench.report import report_main
     report_main(args)
+  elif args.memory:
+    from qcs_jax.bench.memory import memory_main
+    memory_main(args)
   elif args.profile:
     from qcs_jax.bench.profile import profile_main
     profile_main(args)

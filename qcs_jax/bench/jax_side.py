@@ -22,11 +22,17 @@ class JaxBench:
     from qcs_jax.training import optim, train_lib
     from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
     self.jax, self.train_lib = jax, train_lib
-    self.args, self.cfg = args, dict(cfg, dtype=args.dtype)
-    t0 = time.perf_counter()
-    self.variables, _ = convert.convert_model(sd, cfg)
-    self.convert_s = time.perf_counter() - t0
+    self.args = args
+    self.cfg = dict(cfg, dtype=args.dtype, remat=getattr(args, "remat", "none"))
     self.model = build_model(self.cfg)
+    t0 = time.perf_counter()
+    if sd is None:  # --random_weights: no torch needed (e.g. a GPU machine)
+      from qcs_jax.apps.throughput import random_variables
+      self.variables = random_variables(self.model, self.cfg["img_size"], args.seed,
+                                        inference_only=False)
+    else:
+      self.variables, _ = convert.convert_model(sd, cfg)
+    self.convert_s = time.perf_counter() - t0
     self.device = jax.devices()[0]
     self.mesh = train_lib.make_mesh([self.device])
     ocfg = config_lib.base_config().optim

@@ -24,7 +24,8 @@ def summarize(key: str, c: Any, prep: dict, steps: list[dict], warm: list[dict],
              first_loss=warm[0]["loss"] if warm else steps[0]["loss"],
              warmup_ms=[round(1e3 * w["wall_s"]) for w in warm],
              versions=c.hello.get("versions", ""), device_kind=c.hello.get("device_kind", ""),
-             platform=c.hello.get("platform", ""), xla_flags=c.xla_flags)
+             platform=c.hello.get("platform", ""), xla_flags=c.xla_flags,
+             dtype=getattr(c, "dtype", dtype))
   for k in ("lower_s", "compile_s", "flops", "xla_bytes", "torch_flops"):
     if k in prep:
       row[k] = prep[k]
@@ -60,7 +61,7 @@ def markdown_rows(rows: list[dict], args, load: tuple[float, float],
     name = r["contender"] + (f" `{r['xla_flags']}`" if r["xla_flags"] else "")
     out.append(
         f"| {date} | {machine_line()}, load {load[0]:.1f}-{load[1]:.1f} | {name} | "
-        f"{r['versions']} | {args.model} {args.width} {size}px {args.dtype} | "
+        f"{r['versions']} | {args.model} {args.width} {size}px {r.get('dtype', args.dtype)} | "
         f"{what} | {r['images']} | {r['ms_per_step']:.0f} | {r['images_per_s']:.2f} | "
         f"{r['cpu_s_per_step']:.1f} | {compile_s} | {mem} | {flops} | {mfu} |")
   return "\n".join(out)

@@ -27,7 +27,7 @@ def worker_main(args) -> None:
     sys.stdout.flush()
 
   cfg = model_config(args)
-  sd = load_state_dict(args.weights)
+  sd = load_state_dict(args.weights) if args.weights else None
   t0 = time.perf_counter()
   bench = (JaxBench if args.framework == "jax" else TorchBench)(args, cfg, sd)
   say(dict(ready=True, setup_s=time.perf_counter() - t0, versions=bench.versions(),
@@ -54,6 +54,8 @@ class Contender:
   name: str
   framework: str
   xla_flags: str
+  dtype: str = "float32"
+  channels_last: bool = False
   proc: Any = None
   hello: dict = dataclasses.field(default_factory=dict)
 
@@ -65,7 +67,8 @@ class Contender:
     # The worker imports this very qcs_jax (a worktree's copy, not an installed one).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "qcs_jax.bench", "--worker", "--framework", self.framework,
-           "--weights", weights] + args.passthrough
+           "--weights", weights] + args.passthrough + ["--dtype", self.dtype] + (
+               ["--channels_last"] if self.channels_last else [])
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                  text=True, bufsize=1)
     self.hello = self._read()
@@ -94,20 +97,50 @@ class Contender:
       self.proc.wait(timeout=60)
 
 
+def parse_extra(spec: str) -> Contender:
+  """'torch:bfloat16:channels_last' -> a Contender (framework[:dtype][:channels_last])."""
+  parts = spec.split(":")
+  fw, dtype = parts[0], (parts[1] if len(parts) > 1 and parts[1] else "float32")
+  flags = parts[2:]
+  if (fw not in ("jax", "torch") or dtype not in ("float32", "bfloat16")
+      or any(f != "channels_last" for f in flags) or (flags and fw != "torch")):
+    raise ValueError(f"--extra {spec!r}: expected jax[:DTYPE] or torch[:DTYPE][:channels_last], "
+                     "DTYPE float32 or bfloat16")
+  cl = bool(flags)
+  tags = ([] if dtype == "float32" else ["bf16"]) + (["channels_last"] if cl else [])
+  return Contender(fw + (f"[{','.join(tags)}]" if tags else ""), fw, "", dtype, cl)
+
+
+def make_contenders(args) -> list[Contender]:
+  """--framework's contenders at --dtype, each --variant (JAX flags), each --extra."""
+  out = []
+  if args.framework in ("jax", "both"):
+    out.append(Contender("jax", "jax", "", args.dtype))
+  for v in args.variant:
+    name, _, flags = v.partition("=")
+    out.append(Contender(f"jax[{name}]", "jax", flags, args.dtype))
+  if args.framework in ("torch", "both"):
+    out.append(Contender("torch", "torch", "", args.dtype))
+  out += [parse_extra(e) for e in args.extra]
+  names = [c.name for c in out]
+  for c in out:  # two contenders of one name: the second says its dtype
+    if names.count(c.name) > 1 and c.dtype != args.dtype:
+      c.name += f"<{c.dtype}>"
+  return out
+
+
 def parent_main(args) -> None:
   cfg = model_config(args)
   t0 = time.perf_counter()
-  weights = weights_file(cfg, args.seed)
-  print(f"weights of build_reference(seed={args.seed}) at {weights} "
+  contenders = make_contenders(args)
+  if args.random_weights:
+    if any(c.framework == "torch" for c in contenders):
+      raise SystemExit("error: --random_weights is for JAX-only runs (--framework jax)")
+    weights = ""
+  else:
+    weights = weights_file(cfg, args.seed)
+  print(f"weights of build_reference(seed={args.seed}) at {weights or '(random, JAX)'} "
         f"({time.perf_counter() - t0:.1f} s)", flush=True)
-  contenders = []
-  if args.framework in ("jax", "both"):
-    contenders.append(Contender("jax", "jax", ""))
-  for v in args.variant:
-    name, _, flags = v.partition("=")
-    contenders.append(Contender(f"jax[{name}]", "jax", flags))
-  if args.framework in ("torch", "both"):
-    contenders.append(Contender("torch", "torch", ""))
   keys = (["train"] if args.mode in ("train", "all") else []) + (
       [f"infer:{b}" for b in args.infer_batch] if args.mode in ("infer", "all") else [])
   load0 = load_average()
@@ -134,7 +167,7 @@ def parent_main(args) -> None:
                 f"{1e3 * r['wall_s']:.0f} ms (cpu {r['cpu_s']:.1f} s, load "
                 f"{load_average():.1f}) loss {r['loss']:.6f}", flush=True)
       for c in contenders:
-        rows.append(summarize(key, c, preps[c.name], runs[c.name], warm[c.name], args.dtype))
+        rows.append(summarize(key, c, preps[c.name], runs[c.name], warm[c.name], c.dtype))
   finally:
     for c in contenders:
       c.stop()

@@ -22,10 +22,14 @@ class TorchBench:
     self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     self.state_dict = {k: torch.from_numpy(v) for k, v in sd.items()}
     self.net = R.QCSReference(cfg).to(self.dev)
+    self.fmt = (torch.channels_last if getattr(args, "channels_last", False)
+                else torch.contiguous_format)
+    self.net = self.net.to(memory_format=self.fmt)
     self.prepared: dict[str, Callable] = {}
 
   def versions(self) -> str:
-    return f"torch {self.torch.__version__} ({self.torch.get_num_threads()} threads)"
+    fmt = ", channels_last" if self.fmt is self.torch.channels_last else ""
+    return f"torch {self.torch.__version__} ({self.torch.get_num_threads()} threads{fmt})"
 
   def _autocast(self):
     if self.args.dtype == "bfloat16":
@@ -42,7 +46,8 @@ class TorchBench:
     if key == "train":
       images, labels = make_batch(self.cfg, self.args.batch, self.args.seed)
       nb = images.shape[1]
-      branches = [R.to_nchw(images[:, i]).to(self.dev) for i in range(nb)]
+      branches = [R.to_nchw(images[:, i]).to(self.dev, memory_format=self.fmt)
+                  for i in range(nb)]
       y = torch.from_numpy(labels).long().to(self.dev)
       net = self.net.train()
       params = [p for p in net.parameters() if p.requires_grad]
@@ -81,7 +86,8 @@ class TorchBench:
       n_images = images.shape[0] * nb
     else:
       b = int(key.split(":")[1])
-      x = R.to_nchw(random_images(self.cfg, b, seed=self.args.seed)).to(self.dev)
+      x = R.to_nchw(random_images(self.cfg, b, seed=self.args.seed)).to(
+          self.dev, memory_format=self.fmt)
       net = self.net.eval()
 
       def run():

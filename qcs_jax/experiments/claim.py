@@ -194,11 +194,11 @@ def _cpu_seconds() -> float:
 
 def run_cell(s: Settings, cell: Cell, workdir: str) -> dict:
   """Trains one cell (resuming its workdir) and returns its result row."""
-  from qcs_jax.training import train_lib  # jax starts here, after the XLA flags are set
+  from qcs_jax.training import loop  # jax starts here, after the XLA flags are set
 
   cfg = cell_config(s, cell)
   t0, cpu0 = time.perf_counter(), _cpu_seconds()
-  train_lib.train_and_evaluate(cfg, workdir)
+  loop.train_and_evaluate(cfg, workdir)
   wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
   evals = _eval_rows(workdir)
   if len(evals) < cfg.train.epochs:

@@ -241,3 +241,16 @@ def test_compilation_cache_is_written_by_a_fresh_process(tmp_path):
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, check=True)
   assert out.stdout.strip() == "None"
+
+
+def test_mismatched_checkpoint_is_explained_on_first_use(ckpt, tmp_path):
+  import json
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(ckpt, bad)
+  meta = json.loads((bad / "model.json").read_text())
+  meta["model"]["embed_dim"] = 24  # the saved variables have 16
+  (bad / "model.json").write_text(json.dumps(meta))
+  rec = Recognizer.load(bad, detector="haar")  # loading skips the slow shape check
+  with pytest.raises(checkpoint.CheckpointError, match="do not match its model config"):
+    rec.predict_faces(np.zeros((40, 40, 3), np.uint8))

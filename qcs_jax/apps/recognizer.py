@@ -90,6 +90,7 @@ class Recognizer:
     self.detector_name = getattr(self.detector, "name", type(self.detector).__name__)
     self._transform = transforms.build_transform(None, self.img_size, train=False)
     self._lock = threading.Lock()
+    self._unchecked: str | None = None  # checkpoint dir whose shapes were not checked
 
   @classmethod
   def load(cls, path: str | os.PathLike, *, cache: bool | str = True,
@@ -101,7 +102,12 @@ class Recognizer:
     """
     from qcs_jax import checkpoint, runtime  # pylint: disable=import-outside-toplevel
     runtime.enable_compilation_cache(cache)
-    return cls(checkpoint.load_model(resolve_checkpoint(path)), **kwargs)
+    directory = resolve_checkpoint(path)
+    # The shape check traces the whole model (~1 s at paper size): it runs only
+    # if the model fails to run (classify_prepared), to explain why.
+    rec = cls(checkpoint.load_model(directory, check_shapes=False), **kwargs)
+    rec._unchecked = directory
+    return rec
 
   # --------------------------------------------------------------------------- model
 
@@ -118,9 +124,21 @@ class Recognizer:
       if b != len(part):
         part = np.concatenate([part, np.zeros((b - len(part),) + part.shape[1:], part.dtype)])
       with self._lock:
-        logits = np.asarray(self.model.logits(part))
+        logits = np.asarray(self._logits(part))
       out.append(softmax(logits)[:min(self.max_batch, n - i)])
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
+
+  def _logits(self, x: np.ndarray) -> Any:
+    if self._unchecked is None:
+      return self.model.logits(x)
+    try:
+      out = self.model.logits(x)
+    except Exception:  # a model that does not fit its variables: say which ones
+      from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
+      checkpoint.check_variables(self.model, self._unchecked)
+      raise
+    self._unchecked = None
+    return out
 
   def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
     """uint8 RGB crops (any sizes) -> probabilities (N, K)."""

@@ -254,3 +254,32 @@ def test_mismatched_checkpoint_is_explained_on_first_use(ckpt, tmp_path):
   rec = Recognizer.load(bad, detector="haar")  # loading skips the slow shape check
   with pytest.raises(checkpoint.CheckpointError, match="do not match its model config"):
     rec.predict_faces(np.zeros((40, 40, 3), np.uint8))
+
+
+def test_exported_program_is_reused_and_matches_the_model(ckpt, tmp_path, monkeypatch):
+  from jax import export
+  from qcs_jax.apps import programs
+  loaded = checkpoint.load_model(ckpt)
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  d = str(tmp_path / "progs")
+  fn = programs.exported_infer(loaded.model, loaded.variables, loaded.model_cfg, 2, 32, d)
+  np.testing.assert_allclose(np.asarray(fn(loaded.variables, x)),
+                             np.asarray(loaded.logits(x)), atol=1e-5)
+  files = os.listdir(d)
+  assert len(files) == 1 and files[0].endswith(".jaxexport")
+
+  def no_tracing(*a, **k):
+    raise AssertionError("traced again instead of loading the saved program")
+  monkeypatch.setattr(export, "export", no_tracing)
+  again = programs.exported_infer(loaded.model, loaded.variables, loaded.model_cfg, 2, 32, d)
+  np.testing.assert_allclose(np.asarray(again(loaded.variables, x)),
+                             np.asarray(fn(loaded.variables, x)), atol=1e-6)
+  monkeypatch.undo()
+  with open(os.path.join(d, files[0]), "wb") as f:
+    f.write(b"damaged")
+  fixed = programs.exported_infer(loaded.model, loaded.variables, loaded.model_cfg, 2, 32, d)
+  np.testing.assert_allclose(np.asarray(fixed(loaded.variables, x)),
+                             np.asarray(fn(loaded.variables, x)), atol=1e-6)
+  assert os.path.getsize(os.path.join(d, files[0])) > 1000  # replaced by a good one
+  other = programs.program_key(loaded.model_cfg, loaded.variables, 4, 32)
+  assert other != files[0][len("infer-"):-len(".jaxexport")]

@@ -91,6 +91,8 @@ class Recognizer:
     self._transform = transforms.build_transform(None, self.img_size, train=False)
     self._lock = threading.Lock()
     self._unchecked: str | None = None  # checkpoint dir whose shapes were not checked
+    self._program_dir: str | None = None  # where exported inference programs are kept
+    self._programs: dict[int, Any] = {}
 
   @classmethod
   def load(cls, path: str | os.PathLike, *, cache: bool | str = True,
@@ -101,12 +103,14 @@ class Recognizer:
     runtime.default_cache_dir), a folder, or False (off).
     """
     from qcs_jax import checkpoint, runtime  # pylint: disable=import-outside-toplevel
-    runtime.enable_compilation_cache(cache)
+    cache_dir = runtime.enable_compilation_cache(cache)
     directory = resolve_checkpoint(path)
     # The shape check traces the whole model (~1 s at paper size): it runs only
     # if the model fails to run (classify_prepared), to explain why.
     rec = cls(checkpoint.load_model(directory, check_shapes=False), **kwargs)
     rec._unchecked = directory
+    if cache_dir:  # traced programs too (programs.py), beside the compiled ones
+      rec._program_dir = os.path.join(cache_dir, "qcs_jax_programs")
     return rec
 
   # --------------------------------------------------------------------------- model
@@ -128,11 +132,22 @@ class Recognizer:
       out.append(softmax(logits)[:min(self.max_batch, n - i)])
     return np.concatenate(out) if out else np.zeros((0, len(self.class_names)))
 
+  def _run(self, x: np.ndarray) -> Any:
+    m = self.model
+    if self._program_dir is None or not hasattr(m, "model") or not hasattr(m, "variables"):
+      return m.logits(x)
+    b = len(x)
+    if b not in self._programs:
+      from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
+      self._programs[b] = programs.exported_infer(m.model, m.variables, m.model_cfg, b,
+                                                  self.img_size, self._program_dir)
+    return self._programs[b](m.variables, np.asarray(x, np.float32))
+
   def _logits(self, x: np.ndarray) -> Any:
     if self._unchecked is None:
-      return self.model.logits(x)
+      return self._run(x)
     try:
-      out = self.model.logits(x)
+      out = self._run(x)
     except Exception:  # a model that does not fit its variables: say which ones
       from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
       checkpoint.check_variables(self.model, self._unchecked)

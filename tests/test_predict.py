@@ -171,7 +171,7 @@ def test_video_rows_per_sampled_frame_with_timestamps(loaded, tmp_path):
 
 
 def test_cli_csv_jsonl_and_exit_status(loaded, tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(checkpoint, "load_model", lambda path: loaded)
+  monkeypatch.setattr(checkpoint, "load_model", lambda path, **kw: loaded)
   for i in range(2):
     Image.fromarray(synthetic.render_face(i, 48, seed=i)).save(tmp_path / f"f{i}.png")
   out = tmp_path / "preds.csv"

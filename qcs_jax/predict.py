@@ -1,7 +1,8 @@
 """Expression prediction on your own photos and videos (a thin CLI over qcs_jax.Recognizer).
 
   python -m qcs_jax.predict --checkpoint runs/rafdb photo.jpg folder/ clip.mp4 \
-      [--detector auto|blazeface|blazeface_short|haar] [--no-detect] [--no-align] \
+      [--detector auto|blazeface|blazeface_short|haar] [--detector_tiles N] \
+      [--no-detect] [--no-align] \
       [--format jsonl|csv] [--output FILE] [--annotate DIR] [--every K] \
       [--margin 0.25] [--min_face 40] [--batch_size 16] [--no-cache]
   python -m qcs_jax.predict --benchmark [--checkpoint DIR]
@@ -84,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--checkpoint", help="checkpoint dir or training workdir (its best/)")
   ap.add_argument("--detector", choices=detectors.DETECTORS, default="auto",
                   help="face detector (auto: BlazeFace if installed, else Haar)")
+  ap.add_argument("--detector_tiles", type=int, default=0, metavar="N",
+                  help="BlazeFace also searches an N x N grid of tiles (small faces in "
+                       "large photos; N*N more detector passes)")
   ap.add_argument("--no-detect", dest="detect", action="store_false",
                   help="each picture is already a cropped face (no face detection)")
   ap.add_argument("--no-align", dest="align", action="store_false",
@@ -110,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       ap.error("--checkpoint is required")
     if not args.paths:
       ap.error("give at least one photo, video or folder")
-  for name, low in (("every", 1), ("min_face", 1), ("batch_size", 1)):
+  for name, low in (("every", 1), ("min_face", 1), ("batch_size", 1), ("detector_tiles", 0)):
     if getattr(args, name) < low:
       ap.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
   if args.margin < 0:
@@ -132,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec = Recognizer.load(args.checkpoint, cache=args.cache,
                           detector=args.detector if args.detect else "haar",
                           max_batch=args.batch_size, margin=args.margin,
-                          min_face=args.min_face, align=args.align)
+                          min_face=args.min_face, align=args.align,
+                          tiles=args.detector_tiles)
   except (CheckpointError, detectors.DetectorUnavailable, OSError) as e:
     _stderr(f"error: {e}")
     return 2

@@ -283,3 +283,26 @@ def test_exported_program_is_reused_and_matches_the_model(ckpt, tmp_path, monkey
   assert os.path.getsize(os.path.join(d, files[0])) > 1000  # replaced by a good one
   other = programs.program_key(loaded.model_cfg, loaded.variables, 4, 32)
   assert other != files[0][len("infer-"):-len(".jaxexport")]
+
+
+def test_tile_grid_covers_the_image_with_overlap():
+  assert detectors.tile_boxes(100, 60, 0) == [] and detectors.tile_boxes(100, 60, 1) == []
+  tiles = detectors.tile_boxes(100, 60, 2)
+  assert tiles == [(0, 0, 75, 45), (25, 0, 100, 45), (0, 15, 75, 60), (25, 15, 100, 60)]
+  t3 = detectors.tile_boxes(1000, 700, 3)
+  assert len(t3) == 9 and t3[0][:2] == (0, 0) and t3[-1][2:] == (1000, 700)
+
+
+@needs_blazeface
+def test_tiles_find_small_faces_the_whole_image_pass_misses(ckpt):
+  small = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((256, 256)))
+  canvas = np.full((900, 1200, 3), 90, np.uint8)
+  canvas[500:756, 850:1106] = small  # her face, ~50 px, is ~8 px at the detector's 192 input
+  whole = detectors.get_detector("blazeface", min_face=10)
+  tiled = detectors.get_detector("blazeface", min_face=10, tiles=3)
+  assert whole(canvas) == []
+  found = tiled(canvas)
+  assert len(found) == 1
+  b = found[0].box
+  # Her face spans about x 935..985, y 530..585 of the canvas.
+  assert 945 <= b.x + b.w / 2 <= 975 and 545 <= b.y + b.h / 2 <= 575 and 35 <= b.w <= 70

@@ -164,11 +164,16 @@ def model_path(name: str) -> str | None:
 
 
 class BlazeFace:
-  """MediaPipe's BlazeFace run through cv2.dnn; `__call__(rgb) -> [Detection]`, largest first."""
+  """MediaPipe's BlazeFace run through cv2.dnn; `__call__(rgb) -> [Detection]`, largest first.
+
+  The whole image is shrunk to the network's input (192 px): faces smaller than
+  ~1/8 of the image's longer side are often missed. tiles=n also searches an
+  n x n grid of overlapping tiles (n*n more passes) and merges the boxes.
+  """
 
   def __init__(self, variant: str = "blazeface", min_face: int = 40,
                score_threshold: float = 0.5, iou_threshold: float = 0.3,
-               path: str | None = None):
+               path: str | None = None, tiles: int = 0):
     import cv2  # pylint: disable=import-outside-toplevel
     if variant not in VARIANTS:
       raise ValueError(f"unknown BlazeFace variant {variant!r}; known: {sorted(VARIANTS)}")
@@ -180,6 +185,9 @@ class BlazeFace:
     self.name, self.variant, self.path = variant, VARIANTS[variant], path
     self.min_face, self.score_threshold, self.iou_threshold = (
         int(min_face), float(score_threshold), float(iou_threshold))
+    if tiles < 0:
+      raise ValueError(f"tiles must be >= 0, got {tiles}")
+    self.tiles = int(tiles)  # also search an n x n grid of tiles: smaller faces, n*n x time
     try:
       self._net = cv2.dnn.readNetFromTFLite(path)
     except cv2.error as e:
@@ -200,23 +208,47 @@ class BlazeFace:
     n = len(self._anchors)
     return by_size[0].reshape(n), by_size[1].reshape(n, 16), scale, px, py
 
-  def __call__(self, rgb: np.ndarray) -> list[Detection]:
+  def detect_region(self, rgb: np.ndarray, x: int = 0, y: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, boxes x0 y0 x1 y1, keypoints (M, 6, 2)) of one region, in pixels of the
+    image the region was cut from at (x, y); before non-maximum suppression."""
     scores, regs, scale, px, py = self.raw(rgb)
     s = self.variant.size
     p, boxes, kps = decode(scores, regs, self._anchors, s, self.score_threshold)
+    shift = np.array([x, y], np.float64)
+    boxes = (boxes.reshape(-1, 2, 2) * s - [px, py]) / scale + shift
+    kps = (kps * s - [px, py]) / scale + shift
+    return p, boxes.reshape(-1, 4), kps
+
+  def __call__(self, rgb: np.ndarray) -> list[Detection]:
     h, w = rgb.shape[:2]
+    parts = [self.detect_region(rgb)]
+    for x0, y0, x1, y1 in tile_boxes(w, h, self.tiles):
+      parts.append(self.detect_region(rgb[y0:y1, x0:x1], x0, y0))
+    p = np.concatenate([q[0] for q in parts])
+    boxes = np.concatenate([q[1] for q in parts])
+    kps = np.concatenate([q[2] for q in parts])
     out = []
     for score, box, kp in weighted_nms(p, boxes, kps, self.iou_threshold):
-      x0, y0 = (box[0] * s - px) / scale, (box[1] * s - py) / scale
-      x1, y1 = (box[2] * s - px) / scale, (box[3] * s - py) / scale
-      x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+      x0, y0 = max(0.0, box[0]), max(0.0, box[1])
+      x1, y1 = min(float(w), box[2]), min(float(h), box[3])
       if min(x1 - x0, y1 - y0) < self.min_face:
         continue
-      pts = (kp * s - np.array([px, py])) / scale
-      marks = {n: (round(float(x), 1), round(float(y), 1)) for n, (x, y) in zip(KEYPOINTS, pts)}
+      marks = {n: (round(float(a), 1), round(float(b), 1)) for n, (a, b) in zip(KEYPOINTS, kp)}
       b = faces.Box(int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0)))
       out.append(Detection(b, round(score, 4), marks))
     return sorted(out, key=lambda d: (-d.box.w * d.box.h, d.box.x, d.box.y))
+
+
+def tile_boxes(w: int, h: int, n: int) -> list[tuple[int, int, int, int]]:
+  """An n x n grid of overlapping tiles (x0, y0, x1, y1), each 1.5/n of the image's
+  width and height (n=0 or 1: none; the whole image is always searched too)."""
+  if n <= 1:
+    return []
+  tw, th = min(w, int(np.ceil(1.5 * w / n))), min(h, int(np.ceil(1.5 * h / n)))
+  xs = np.linspace(0, w - tw, n).round().astype(int)
+  ys = np.linspace(0, h - th, n).round().astype(int)
+  return [(int(x), int(y), int(x) + tw, int(y) + th) for y in ys for x in xs]
 
 
 class Haar:
@@ -240,7 +272,8 @@ def _warn_fallback(reason: str) -> None:
   warnings.warn(f"face detector: using OpenCV's Haar cascade ({reason})", stacklevel=3)
 
 
-def get_detector(name: str = "auto", min_face: int = 40, score_threshold: float = 0.5) -> Detector:
+def get_detector(name: str = "auto", min_face: int = 40, score_threshold: float = 0.5,
+                 tiles: int = 0) -> Detector:
   """A detector by name (see DETECTORS); 'auto' falls back to Haar with a warning."""
   if name not in DETECTORS:
     raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
@@ -248,8 +281,8 @@ def get_detector(name: str = "auto", min_face: int = 40, score_threshold: float 
     return Haar(min_face)
   if name == "auto":
     try:
-      return BlazeFace("blazeface", min_face, score_threshold)
+      return BlazeFace("blazeface", min_face, score_threshold, tiles=tiles)
     except DetectorUnavailable as e:
       _warn_fallback(str(e))
       return Haar(min_face)
-  return BlazeFace(name, min_face, score_threshold)
+  return BlazeFace(name, min_face, score_threshold, tiles=tiles)

@@ -66,11 +66,13 @@ class Recognizer:
     min_face: smallest face side (px) reported; smaller images are refused.
     align: eye-align faces that have eye keypoints (False: margin crops for all).
     score_threshold: BlazeFace's minimum face score.
+    tiles: BlazeFace also searches an n x n grid of overlapping tiles (smaller
+      faces in large photos, n*n more detector passes; 0: the whole image only).
   """
 
   def __init__(self, model: Any, detector: Any = "auto", max_batch: int = 16,
                margin: float = 0.25, min_face: int = 40, align: bool = True,
-               score_threshold: float = 0.5):
+               score_threshold: float = 0.5, tiles: int = 0):
     from qcs_jax.data import transforms  # pylint: disable=import-outside-toplevel
     if max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -86,7 +88,7 @@ class Recognizer:
     self.max_batch, self.margin, self.min_face, self.align = (
         int(max_batch), float(margin), int(min_face), bool(align))
     self.detector = (detector if callable(detector) else
-                     detectors.get_detector(detector, self.min_face, score_threshold))
+                     detectors.get_detector(detector, self.min_face, score_threshold, tiles))
     self.detector_name = getattr(self.detector, "name", type(self.detector).__name__)
     self._transform = transforms.build_transform(None, self.img_size, train=False)
     self._lock = threading.Lock()

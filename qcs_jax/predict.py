@@ -36,10 +36,14 @@ from qcs_jax import runtime
 from qcs_jax.apps import detectors, throughput
 from qcs_jax.apps.batch import predict_paths as _predict_paths
 # Re-exported: callers and tests reach these through this module.
-from qcs_jax.apps.media import find_inputs, is_video, video_frames  # noqa: F401  pylint: disable=unused-import
-from qcs_jax.apps.throughput import benchmark, random_variables  # noqa: F401  pylint: disable=unused-import
+# pylint: disable=unused-import
+from qcs_jax.apps.media import find_inputs, is_video, video_frames  # noqa: F401
+from qcs_jax.apps.throughput import benchmark, random_variables  # noqa: F401
+# pylint: enable=unused-import
 
 FORMATS = ("jsonl", "csv")
+__all__ = ["predict_paths", "format_rows", "main", "run", "find_inputs", "is_video",
+           "video_frames", "benchmark", "random_variables"]
 
 
 def _stderr(msg: str) -> None:

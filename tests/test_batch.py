@@ -4,7 +4,6 @@ import threading
 import time
 
 import cv2
-import numpy as np
 import pytest
 import skimage.data
 from PIL import Image

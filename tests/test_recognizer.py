@@ -210,7 +210,8 @@ def test_eye_alignment_levels_and_places_the_eyes():
   img[58:63, 28:33] = 255                       # a bright dot on the right eye
   crop = faces.aligned_crop(img, right, left)
   side = crop.shape[0]
-  assert crop.shape == (side, side, 3) and side == round(np.hypot(40, 20) / faces.ALIGN_EYE_DISTANCE)
+  assert crop.shape == (side, side, 3)
+  assert side == round(np.hypot(40, 20) / faces.ALIGN_EYE_DISTANCE)
   ys, xs = np.nonzero(crop[..., 0] > 100)
   assert abs(xs.mean() - (0.5 - faces.ALIGN_EYE_DISTANCE / 2) * side) < 1.5
   assert abs(ys.mean() - faces.ALIGN_EYE_Y * side) < 1.5

@@ -1,4 +1,4 @@
-"""Start-up and throughput of prediction: cold / warm start-to-first-result, ms per photo, video fps.
+"""Prediction speed: cold / warm start-to-first-result, ms per photo, video frames/s.
 
   python tools/time_predict.py --checkpoint DIR [--checkpoint DIR2] [--runs 3] \
       [--compare_pythonpath /other/checkout]
@@ -67,7 +67,8 @@ def main() -> None:
       warm.append(run_cli(ck, photo, cache, here))
       if args.compare_pythonpath:
         other.append(run_cli(ck, photo, os.path.join(tmp, "unused"), args.compare_pythonpath))
-    med = lambda v: f"{statistics.median(v):.2f} s (runs {', '.join(f'{x:.1f}' for x in v)})"  # noqa: E731
+    def med(v: list) -> str:
+      return f"{statistics.median(v):.2f} s (runs {', '.join(f'{x:.1f}' for x in v)})"
     print(f"{ck}: predict one photo, fresh process: cold cache {med(cold)}, warm {med(warm)}"
           + (f"; --compare_pythonpath {med(other)}" if other else "") + f"; {load()}")
     from qcs_jax import Recognizer  # pylint: disable=import-outside-toplevel

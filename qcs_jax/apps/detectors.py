@@ -108,7 +108,8 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   x1 = np.minimum(box[2], boxes[:, 2])
   y1 = np.minimum(box[3], boxes[:, 3])
   inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-  area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+  def area(b: np.ndarray) -> np.ndarray:
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
   union = area(box) + area(boxes) - inter
   return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 

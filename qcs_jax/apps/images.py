@@ -29,7 +29,10 @@ _ACCEPTED = "uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays, PIL images 
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-  """A photo file -> uint8 RGB (H, W, 3), upright by its EXIF orientation; ImageError if unreadable."""
+  """A photo file -> uint8 RGB (H, W, 3), upright by its EXIF orientation.
+
+  Raises ImageError (a DataError) naming the file when it cannot be read.
+  """
   from PIL import Image  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   try:

@@ -187,7 +187,7 @@ class Recognizer:
     return rgb, list(self.detector(rgb))
 
   def crop(self, rgb: np.ndarray, det: detectors.Detection) -> np.ndarray:
-    """The face crop the model sees: eye-aligned when the detection has eyes, else a margin square."""
+    """The crop the model sees: eye-aligned if the detection has eyes, else a margin square."""
     marks = det.landmarks or {}
     if self.align and "right_eye" in marks and "left_eye" in marks:
       return faces.aligned_crop(rgb, marks["right_eye"], marks["left_eye"])
@@ -212,7 +212,8 @@ class Recognizer:
     return [{**self.face_row(d), **self.result(p)} for d, p in zip(dets, probs)]
 
   def predict_faces(self, crops: Any, bgr: bool = False) -> list[Row]:
-    """Already-cropped faces (one image or a sequence, any sizes) -> [{label, score, probabilities}].
+    """Already-cropped faces (one image or a sequence, any sizes) -> [{label, score,
+    probabilities}], one per face.
 
     Each crop is resized to img_size and normalised as in evaluation.
     """

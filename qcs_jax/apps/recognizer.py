@@ -141,8 +141,12 @@ class Recognizer:
     b = len(x)
     if b not in self._programs:
       from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
-      self._programs[b] = programs.exported_infer(m.model, m.variables, m.model_cfg, b,
-                                                  self.img_size, self._program_dir)
+      try:
+        self._programs[b] = programs.exported_infer(m.model, m.variables, m.model_cfg, b,
+                                                    self.img_size, self._program_dir)
+      except ImportError:  # jax.export's serialization needs flatbuffers: trace as usual
+        self._program_dir = None
+        return m.logits(x)
     return self._programs[b](m.variables, np.asarray(x, np.float32))
 
   def _logits(self, x: np.ndarray) -> Any:

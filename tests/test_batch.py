@@ -102,3 +102,21 @@ def test_cli_detector_choice_landmarks_and_no_cache(ckpt, tmp_path, capsys):
   assert "--every must be >= 1" in capsys.readouterr().err
   assert predict.main(["--checkpoint", str(tmp_path / "nothing"), str(tmp_path / "a.jpg")]) == 2
   assert "error:" in capsys.readouterr().err
+
+
+def test_old_predict_helpers_still_work(ckpt):
+  """Callers of the old predict module (demo, export, visualize) keep working."""
+  loaded = checkpoint.load_model(ckpt)
+  assert predict.class_names_of(loaded) == list(synthetic.CLASS_NAMES)
+  done = []
+  clf = predict.BatchedClassifier(loaded, 2, on_done=done.append)
+  faces_ = [synthetic.render_face(e, 40 + 8 * e, seed=e) for e in range(3)]
+  rows = [{"i": i} for i in range(3)]
+  for f, r in zip(faces_, rows):
+    clf.add(f, r)
+  clf.flush()
+  assert [len(d) for d in done] == [2, 1]
+  ref = Recognizer(loaded, detector="haar").predict_faces(faces_)
+  for r, s in zip(rows, ref):
+    assert r["label"] == s["label"] and r["score"] == pytest.approx(s["score"], abs=1e-5)
+  assert callable(predict.read_image) and callable(predict.draw_annotations)

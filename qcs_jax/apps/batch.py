@@ -165,3 +165,47 @@ def predict_paths(paths: Sequence[str], model: Any, detect: bool = True, every: 
       flush()
   flush()
   return rows
+
+
+def class_names_of(loaded: Any) -> list[str]:
+  """The model's class names, or class_0.. when its checkpoint has none (or a wrong count)."""
+  k = int(loaded.model_cfg.get("num_classes", 7))
+  names = list(getattr(loaded, "class_names", None) or [])
+  return names if len(names) == k else [f"class_{i}" for i in range(k)]
+
+
+class BatchedClassifier:
+  """Queues face crops and classifies them in batches (kept for callers of the old predict).
+
+  `add(face, row)` prepares the uint8 crop and queues it; when `batch_size`
+  faces are queued (or on `flush()`) each queued row gets label, score and
+  probabilities, then `on_done(rows)` is called. New code: Recognizer.
+  """
+
+  def __init__(self, loaded: Any, batch_size: int = 16,
+               on_done: Callable[[list[dict]], None] | None = None):
+    from qcs_jax.apps.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.rec = Recognizer(loaded, detector="haar", max_batch=batch_size)
+    self.batch_size, self.img_size = int(batch_size), self.rec.img_size
+    self.class_names, self.on_done = self.rec.class_names, on_done
+    self._images = np.zeros((self.batch_size, self.img_size, self.img_size, 3), np.float32)
+    self._rows: list[dict] = []
+
+  def add(self, face: np.ndarray, row: dict) -> None:
+    self.rec.prepare(face, out=self._images[len(self._rows)])
+    self._rows.append(row)
+    if len(self._rows) == self.batch_size:
+      self.flush()
+
+  def flush(self) -> None:
+    n = len(self._rows)
+    if not n:
+      return
+    probs = self.rec.classify_prepared(self._images[:n])
+    rows, self._rows = self._rows, []
+    for row, p in zip(rows, probs):
+      row.update(self.rec.result(p))
+    if self.on_done:
+      self.on_done(rows)

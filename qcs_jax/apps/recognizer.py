@@ -82,9 +82,8 @@ class Recognizer:
       raise ValueError(f"min_face must be >= 1, got {min_face}")
     self.model = model
     self.img_size = int(model.model_cfg.get("img_size", 224))
-    k = int(model.model_cfg.get("num_classes", 7))
-    names = list(getattr(model, "class_names", None) or [])
-    self.class_names = names if len(names) == k else [f"class_{i}" for i in range(k)]
+    from qcs_jax.apps.batch import class_names_of  # pylint: disable=import-outside-toplevel
+    self.class_names = class_names_of(model)
     self.max_batch, self.margin, self.min_face, self.align = (
         int(max_batch), float(margin), int(min_face), bool(align))
     self.detector = (detector if callable(detector) else

@@ -279,6 +279,7 @@ def run() -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # no orbax/XLA INFO lines
+    runtime.enable_compilation_cache()  # QCS_JAX_CACHE_DIR=0 turns it off
     try:
       result = evaluate_checkpoint(
           config.value, ckpt.value, split.value, tta.value, output.value, preds_csv.value,

@@ -1,4 +1,4 @@
-"""CSA maths (qcs_jax.models.csa) against torch autograd versions of ARCHITECTURE.md section 6."""
+"""CSA maths (qcs_jax.models.csa) against torch autograd versions of docs/ARCHITECTURE.md section 6."""
 import jax
 import jax.numpy as jnp
 import numpy as np

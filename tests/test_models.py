@@ -66,7 +66,7 @@ def tree_keys(tree):
 @pytest.mark.parametrize('name,csa_', [('baseline', 'sd'), ('dcs', 's'), ('dcs', 'sdpa'),
                                        ('qcs', 'sd')])
 def test_parameter_tree_and_output_shapes(name, csa_):
-  """The exact tree of the brief, and output shapes (shape inference only)."""
+  """The exact variable tree (models/shapes.py; naming in docs/CONVERTER.md section 3) and output shapes (shape inference only)."""
   nb = num_branches(name)
   model = tiny_model(name, csa=csa_)
   x = images(3, nb)

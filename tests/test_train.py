@@ -32,7 +32,7 @@ def tiny_config(model="qcs"):
 
 
 def test_step_on_8_devices_equals_1_device(x64):
-  """float64: in float32 Adam's first step amplifies rounding (ARCHITECTURE.md section 7)."""
+  """float64: in float32 Adam's first step amplifies rounding (docs/ARCHITECTURE.md section 9)."""
   assert jax.device_count() == 8
   cfg = tiny_config("qcs")
   m = build_model(cfg.model)

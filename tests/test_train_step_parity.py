@@ -2,7 +2,7 @@
 
 Both frameworks start from the same weights (PyTorch reference -> qcs_jax.convert)
 and see the same batch, dropout 0. The PyTorch step is written out here as the
-reference does it (ARCHITECTURE.md sections 7 and 8): train mode, mean of the
+reference does it (docs/ARCHITECTURE.md sections 7 and 8): train mode, mean of the
 8 (QCS) / 4 (DCS) cross-entropies of the separate per-branch ir_back calls,
 SAM perturbation e = rho g / (||g|| + 1e-12) over the parameters that got a
 gradient, a second train-mode pass at w + e, then torch.optim.Adam on w. Both

@@ -326,7 +326,7 @@ _JITTER = (0.2, 0.2, 0.2, 0.1)
 def recipe_augment(name: str, img_size: int = 224) -> dict[str, Any]:
   """The augment dict of a released training script (sizes scaled to img_size).
 
-  The transforms differ per script, not only per data set (DATA_AND_TRAINING.md,
+  The transforms differ per script, not only per data set (docs/DATA_AND_TRAINING.md,
   tests/fixtures/released_recipes.json): 'rafdb' = both RAF-DB scripts, 'ferplus'
   = main_QCS_ferplus.py (resize 232), 'ferplus_dcs' = main_DCS_ferplus.py (resize
   234), 'affectnet' = both AffectNet-7 scripts and main_QCS_affectnet-8.py,

@@ -1,7 +1,7 @@
 """PyTorch checkpoints (IR50 ir50.pth, QCS/DCS training files) -> Flax variables.
 
 Maps the authors' key names onto the Flax tree of qcs_jax.models and checks
-every shape against the target model config. See CONVERTER.md. The files are
+every shape against the target model config. See docs/CONVERTER.md. The files are
 read by qcs_jax.torch_pickle (without executing code from them); its
 `load_torch_file`, `read_torch_file_restricted`, `Inert` and `ConversionError`
 are re-exported here.
@@ -88,7 +88,7 @@ def _apply(kind: str, a: np.ndarray) -> np.ndarray:
   return a
 
 
-# Keys the reference holds but never uses (ARCHITECTURE.md sections 1 and 3).
+# Keys the reference holds but never uses (docs/ARCHITECTURE.md sections 1 and 3).
 KNOWN_UNUSED = (
     (r'(^|\.)num_batches_tracked$', 'BatchNorm num_batches_tracked'),
     (r'^ir_back\.output_layer\.', 'IR50 output_layer (never used)'),

@@ -1,4 +1,4 @@
-"""PyTorch reference of the QCS network (NCHW), written from ARCHITECTURE.md.
+"""PyTorch reference of the QCS network (NCHW), written from docs/ARCHITECTURE.md.
 
 Module names follow the authors' code so `state_dict()` keys are those of their
 checkpoints, including the layers their forward never uses (IR50
@@ -9,7 +9,7 @@ checkpoints, including the layers their forward never uses (IR50
 
 Also here: helpers that give a model random weights and non-trivial BatchNorm
 running statistics, and writers of the three PyTorch file kinds of
-CONVERTER.md (ir50.pth in both key layouts, a DataParallel training checkpoint
+docs/CONVERTER.md (ir50.pth in both key layouts, a DataParallel training checkpoint
 holding a `__main__.RecorderMeter_loss` object).
 """
 from __future__ import annotations

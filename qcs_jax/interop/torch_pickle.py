@@ -9,7 +9,7 @@ memory is allocated. Then plain state dicts go through
 checkpoints (whose pickles name classes of the authors' `__main__` script)
 and every file when torch is absent go through the restricted unpickler:
 tensors become numpy arrays, script classes inert placeholders. Both the zip
-format (torch >= 1.6) and the legacy format are read. See CONVERTER.md.
+format (torch >= 1.6) and the legacy format are read. See docs/CONVERTER.md.
 """
 from __future__ import annotations
 

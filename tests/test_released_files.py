@@ -25,7 +25,8 @@ torch = pytest.importorskip("torch")
 from qcs_jax import checkpoint, zoo  # pylint: disable=wrong-import-position
 from qcs_jax import convert as cli  # pylint: disable=wrong-import-position
 from qcs_jax.interop import converter  # pylint: disable=wrong-import-position
-from qcs_jax.interop import reference as R  # pylint: disable=wrong-import-position
+from qcs_jax.interop import reference as R
+from qcs_jax.interop import reference_files as RF  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "official_state_dict_shapes.json")
@@ -62,7 +63,7 @@ def test_released_file_converts_through_the_cli(name, tmp_path, capsys):
   model, data = FILES[name]
   sd = _released_state_dict(name)
   pth = tmp_path / f"{name}.pth"
-  R.save_full_checkpoint(pth, state_dict=sd, epoch=120, best_acc=92.5)
+  RF.save_full_checkpoint(pth, state_dict=sd, epoch=120, best_acc=92.5)
   with zipfile.ZipFile(pth) as z:  # what the authors' files look like inside
     pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
   assert b"cuda:0" in pkl and b"__main__" in pkl and b"RecorderMeter_matrix" in pkl
@@ -120,7 +121,7 @@ def test_converted_file_predicts_with_class_names(tmp_path, capsys):
   from qcs_jax import predict  # pylint: disable=import-outside-toplevel
   cfg = R.make_cfg()
   pth = tmp_path / "qcs.pth"
-  R.save_full_checkpoint(pth, R.build_reference(cfg, seed=1))
+  RF.save_full_checkpoint(pth, R.build_reference(cfg, seed=1))
   args = ["--full", "--input", str(pth), "--output", str(tmp_path / "m")] + [
       f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
       for k, v in cfg.items() if k in ("img_size", "embed_dim", "num_heads",
@@ -142,7 +143,7 @@ def test_converted_file_predicts_with_class_names(tmp_path, capsys):
 def test_class_names_must_match_the_class_count(tmp_path, capsys):
   cfg = R.make_cfg()
   pth = tmp_path / "qcs.pth"
-  R.save_full_checkpoint(pth, R.build_reference(cfg, seed=1))
+  RF.save_full_checkpoint(pth, R.build_reference(cfg, seed=1))
   rc = cli.main(["--full", "--input", str(pth), "--output", str(tmp_path / "m"),
                  "--img_size=64", "--embed_dim=32", "--num_heads=4",
                  "--stage_channels=8,16,32", "--stage_units=2,1,2", "--dataset", "ferplus"])

@@ -31,36 +31,28 @@ _ACCEPTED = "uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays, PIL images 
 def read_image(path: str | os.PathLike) -> np.ndarray:
   """A photo file -> uint8 RGB (H, W, 3), upright by its EXIF orientation.
 
-  Raises ImageError (a DataError) naming the file when it cannot be read.
+  Decoded by qcs_jax.data.images (the one hardened decoder: pixel limit before
+  decoding, CMYK, 16-bit, alpha onto white); raises ImageError naming the file.
   """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  path = os.fspath(path)
+  from qcs_jax.data import images as data_images  # pylint: disable=import-outside-toplevel
   try:
-    with Image.open(path) as im:
-      im.load()
-      return pil_to_rgb(im, where=path)
-  except FileNotFoundError as e:
-    raise ImageError(f"{path}: no such file") from e
-  except ImageError:
-    raise
-  except Exception as e:  # PIL raises many types for corrupt data
-    raise ImageError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from e
+    return data_images.decode_rgb(os.fspath(path), exif_transpose=True)
+  except DataError as e:
+    raise ImageError(str(e)) from None
 
 
 def pil_to_rgb(im: Any, where: str = "PIL image") -> np.ndarray:
-  """A PIL image -> uint8 RGB (H, W, 3): EXIF-upright, 16-bit scaled, alpha dropped."""
+  """A PIL image -> uint8 RGB (H, W, 3): EXIF-upright, then data.images.to_rgb's rules."""
   from PIL import ImageOps  # pylint: disable=import-outside-toplevel
-  im = ImageOps.exif_transpose(im)
-  if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-    arr = np.asarray(im)
-    top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
-      raise ImageError(f"{where}: 32-bit integer image with values outside 0..65535")
-    return array_to_rgb(np.round(arr.astype(np.float64) * (255.0 / top)).astype(np.uint8),
-                        where=where)
-  if im.mode == "F":
-    return array_to_rgb(np.asarray(im, np.float32), where=where)
-  return np.asarray(im.convert("RGB"), np.uint8)
+  from qcs_jax.data import images as data_images  # pylint: disable=import-outside-toplevel
+  try:
+    im = ImageOps.exif_transpose(im)
+  except Exception:  # pylint: disable=broad-except  # a broken EXIF block: as stored
+    pass
+  try:
+    return data_images.to_rgb(im, where)
+  except DataError as e:
+    raise ImageError(str(e)) from None
 
 
 def array_to_rgb(image: np.ndarray, bgr: bool = False, where: str = "image") -> np.ndarray:

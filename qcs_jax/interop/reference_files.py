@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcs_jax.interop.reference import Backbone, make_stage
+from qcs_jax.interop.reference_layers import Backbone, make_stage
 
 
 def _stage_offsets(units: Sequence[int]) -> list[int]:

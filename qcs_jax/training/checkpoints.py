@@ -148,13 +148,10 @@ def is_disk_full(e: BaseException) -> bool:
   return False
 
 
-def disk_full_error(workdir: str, mngr) -> OSError:
+def disk_full_error(workdir: str) -> OSError:
   """The error a run stops with when its workdir's disk is full."""
-  try:
-    mngr.reload()
-    steps = list(mngr.all_steps())
-  except Exception:  # pylint: disable=broad-except
-    steps = "unknown"
+  ck = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ck) if d.isdigit()) if os.path.isdir(ck) else []
   return OSError(errno.ENOSPC, f"no space left on the device of {workdir} while writing "
                  f"checkpoints, metrics or best/. The complete checkpoints it holds "
                  f"(steps {steps}) are kept; free some space and rerun the same command "
@@ -200,4 +197,5 @@ def truncate_metrics(path: str, global_step: int, epoch: int) -> None:
   # follows the evaluation of epoch e, so that row belongs to the resumed run.
   keep = [r for r in rows if (r["kind"] == "train" and r["step"] <= global_step)
           or (r["kind"] == "eval" and r["epoch"] <= epoch)]
-  write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+  if len(keep) < len(lines):  # only then (a full disk may refuse even a rewrite)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))

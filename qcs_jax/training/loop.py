@@ -47,7 +47,19 @@ def _advance(bar, position: int) -> None:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains cfg in workdir, resuming from its latest checkpoint; returns the best eval row."""
+  """Trains cfg in workdir, resuming from its latest checkpoint; returns the best eval row.
+
+  A full disk anywhere (metrics, checkpoints, best/) stops it with one clear error.
+  """
+  try:
+    return _train_and_evaluate(cfg, workdir)
+  except Exception as e:  # orbax and tensorstore wrap ENOSPC in their own errors
+    if is_disk_full(e) and "no space left on the device of" not in str(e):
+      raise disk_full_error(workdir) from e
+    raise
+
+
+def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from tqdm import tqdm
 
   from qcs_jax.training import plots
@@ -196,7 +208,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   except Exception as e:
     failed = True
     if is_disk_full(e):
-      raise disk_full_error(workdir, mngr) from e
+      raise disk_full_error(workdir) from e
     raise
   finally:
     batches.close()
@@ -218,6 +230,6 @@ def _close_all(closers, workdir: str, mngr, quiet: bool) -> None:
   if quiet:
     log.warning("while stopping after an error: %s: %s", type(first).__name__, first)
   elif is_disk_full(first):
-    raise disk_full_error(workdir, mngr) from first
+    raise disk_full_error(workdir) from first
   else:
     raise first

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qcs_jax.models.conv import conv_general_dilated
+
 Dtype = Any
 PAD1 = ((1, 1), (1, 1))  # PyTorch padding=1; Flax 'SAME' pads (0, 1) at stride 2.
 
@@ -42,7 +44,8 @@ def torch_conv(features: int, in_features: int, kernel: int, stride: int = 1,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=padding, use_bias=use_bias, dtype=dtype,
                  kernel_init=torch_kernel_init,
-                 bias_init=torch_bias_init(fan_in), name=name)
+                 bias_init=torch_bias_init(fan_in), name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 def stats_dtype(*dtypes: Dtype) -> Dtype:

@@ -10,8 +10,9 @@ $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.runtime: requirements.txt pyproject.toml $(BIN)/activate
+$(VENV)/.runtime: requirements.txt requirements-detect.txt pyproject.toml $(BIN)/activate
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-detect.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 

@@ -1,6 +1,6 @@
-"""BASELINE on affectnet8 (released recipe; see qcs_jax/config.py RECIPES)."""
-from qcs_jax.config import recipe
+"""IR50+ViT baseline on affectnet8 (paper Table 1): no released script; the DCS recipe."""
+from qcs_jax import config as base
 
 
 def get_config():
-  return recipe("baseline", "affectnet8")
+  return base.baseline_of(__file__, "affectnet8_dcs.py")

@@ -1,6 +1,6 @@
-"""BASELINE on rafdb (released recipe; see qcs_jax/config.py RECIPES)."""
-from qcs_jax.config import recipe
+"""IR50+ViT baseline on rafdb (paper Table 1): no released script; the DCS recipe."""
+from qcs_jax import config as base
 
 
 def get_config():
-  return recipe("baseline", "rafdb")
+  return base.baseline_of(__file__, "rafdb_dcs.py")

@@ -153,11 +153,13 @@ def _check_shapes(variables: Mapping[str, Any], model_cfg: dict[str, Any],
         f'{where}: variables do not match its model config ({"; ".join(problems)})')
 
 
-def load_variables(directory: str | os.PathLike
+def load_variables(directory: str | os.PathLike, check_shapes: bool = True
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
   """DIR -> (variables {'params', 'batch_stats'} of numpy arrays, model cfg).
 
-  The variables are checked against the model config saved with them.
+  The variables are checked against the model config saved with them
+  (check_shapes=False skips that: it traces the whole model, ~1 s at paper
+  size; check_variables() does it later, e.g. when the model fails to run).
   """
   meta = read_metadata(directory)
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -167,9 +169,16 @@ def load_variables(directory: str | os.PathLike
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'{path}: cannot restore ({type(e).__name__}: {e})') from e
   variables = jax.tree.map(np.asarray, dict(variables))
-  _check_shapes(variables, meta['model'], meta.get('kind', 'model'),
-                str(directory))
+  if check_shapes:
+    _check_shapes(variables, meta['model'], meta.get('kind', 'model'),
+                  str(directory))
   return variables, meta['model']
+
+
+def check_variables(loaded: 'LoadedModel', where: str) -> None:
+  """Raises CheckpointError if loaded.variables do not fit loaded.model_cfg."""
+  _check_shapes(loaded.variables, loaded.model_cfg,
+                loaded.metadata.get('kind', 'model'), where)
 
 
 @dataclasses.dataclass
@@ -191,15 +200,19 @@ class LoadedModel:
     return self._infer(self.variables, jnp.asarray(images, jnp.float32))
 
 
-def load_model(directory: str | os.PathLike) -> LoadedModel:
-  """DIR -> LoadedModel (model, variables, model_cfg, class_names, logits)."""
+def load_model(directory: str | os.PathLike,
+               check_shapes: bool = True) -> LoadedModel:
+  """DIR -> LoadedModel (model, variables, model_cfg, class_names, logits).
+
+  check_shapes: see load_variables.
+  """
   from qcs_jax import models  # pylint: disable=import-outside-toplevel
   meta = read_metadata(directory)
   if meta.get('kind') == 'backbone':
     raise CheckpointError(
         f'{directory} holds only an IR50 backbone (a training init, see '
         'config.init.backbone), not a whole model')
-  variables, model_cfg = load_variables(directory)
+  variables, model_cfg = load_variables(directory, check_shapes)
   model = models.build_model(model_cfg)
   variables = jax.device_put(variables)
   infer = jax.jit(lambda v, x: model.apply(v, x, method='infer'))

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qcs_jax import checkpoint
+from qcs_jax import checkpoint, zoo
 from qcs_jax.interop import converter as convert, verify
 
 _INT_FIELDS = ('num_classes', 'img_size', 'embed_dim', 'num_heads',
@@ -35,11 +35,21 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--input', required=True, help='PyTorch .pth file')
-  p.add_argument('--output', required=True, help='checkpoint directory to write')
+  p.add_argument('--input', help='PyTorch .pth file')
+  p.add_argument('--output', help='checkpoint directory to write')
   p.add_argument('--full', action='store_true',
                  help='convert a whole QCS/DCS/baseline model (default: backbone)')
-  p.add_argument('--config', help='a configs/*.py file; its config.model is used')
+  p.add_argument('--zoo', choices=list(zoo.RELEASES),
+                 help='which released file --input is: picks the recipe config and the '
+                 'class names (implies --full, except for ir50); see --list_zoo')
+  p.add_argument('--list_zoo', action='store_true',
+                 help='print the catalogue of released files and exit')
+  p.add_argument('--config', help='a configs/*.py file; its config.model is used, and '
+                 'the class names of its data set')
+  p.add_argument('--dataset', choices=sorted(zoo.DATASET_CLASSES),
+                 help='the data set the model was trained on (stores its class names)')
+  p.add_argument('--class_names', help='comma-separated class names in index order '
+                 '(other data sets)')
   p.add_argument('--model', choices=sorted(convert.NUM_BRANCHES),
                  help='override config.model.name')
   p.add_argument('--csa', help='override config.model.csa')
@@ -56,20 +66,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-  """config.model of a configs/*.py file with get_config()."""
+def load_config_file(path: str) -> Any:
+  """The config of a configs/*.py file with get_config()."""
+  if not pathlib.Path(path).is_file():
+    raise convert.ConversionError(f'--config {path}: no such file')
   spec = importlib.util.spec_from_file_location('_qcs_config', path)
   if spec is None or spec.loader is None:
     raise convert.ConversionError(f'{path}: cannot import as a config file')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  model = module.get_config().model
-  return model.to_dict() if hasattr(model, 'to_dict') else dict(model)
+  return module.get_config()
+
+
+def _plain(model_cfg: Any) -> dict[str, Any]:
+  return model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
 
 
 def model_config(args: argparse.Namespace, sd) -> tuple[dict[str, Any], str]:
   if args.config:
-    cfg, origin = load_config_file(args.config), f'from {args.config}'
+    cfg, origin = _plain(load_config_file(args.config).model), f'from {args.config}'
+  elif args.zoo and args.zoo != 'ir50':
+    release = zoo.get(args.zoo)
+    cfg = _plain(zoo.model_config(release))
+    origin = f'--zoo {args.zoo}: the recipe of {release.config_file}'
   elif args.full:
     cfg = convert.infer_model_config(sd)
     origin = ('read off the checkpoint; num_heads, csa, minmax and dropout '
@@ -87,6 +106,36 @@ def model_config(args: argparse.Namespace, sd) -> tuple[dict[str, Any], str]:
   return convert.model_cfg_dict(cfg), origin
 
 
+NO_CLASS_NAMES = (
+    'class names: none stored. A .pth file does not hold them, and neither --dataset, '
+    '--zoo, --config nor --class_names said which data set the model was trained on, '
+    'so predictions will read class_0, class_1, ... Rerun with --dataset '
+    '{{{datasets}}}, --zoo NAME (see --list_zoo) or --class_names A,B,... to store them.')
+
+
+def class_names(args: argparse.Namespace, num_classes: int) -> tuple[tuple[str, ...], str]:
+  """(class names to store, where they come from); () with a message when unknown."""
+  if args.class_names:
+    names = tuple(c.strip() for c in args.class_names.split(',') if c.strip())
+    origin = '--class_names'
+  elif args.dataset:
+    names, origin = zoo.DATASET_CLASSES[args.dataset], f'--dataset {args.dataset}'
+  elif args.zoo:
+    names, origin = zoo.get(args.zoo).class_names, f'--zoo {args.zoo}'
+  elif args.config:
+    names = zoo.data_class_names(load_config_file(args.config).data)
+    origin = f'the data set of {args.config}'
+  else:
+    return (), NO_CLASS_NAMES.format(datasets='|'.join(sorted(zoo.DATASET_CLASSES)))
+  if not names:
+    return (), f'class names: {origin} names none; ' + NO_CLASS_NAMES.split('. ', 2)[-1]
+  if len(names) != num_classes:
+    raise convert.ConversionError(
+        f'{origin} gives {len(names)} class names {list(names)} but the model has '
+        f'{num_classes} classes')
+  return tuple(names), f'class names ({origin}): {", ".join(names)}'
+
+
 def import_reference():
   """The PyTorch reference network (qcs_jax.interop.reference), or None without torch."""
   try:
@@ -99,6 +148,15 @@ def import_reference():
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.list_zoo:
+    print(zoo.table())
+    return 0
+  missing = [f'--{f}' for f in ('input', 'output') if not getattr(args, f)]
+  if missing:
+    print(f'error: {" and ".join(missing)} required (or --list_zoo)', file=sys.stderr)
+    return 2
+  if args.zoo:
+    args.full = args.zoo != 'ir50'
   out = pathlib.Path(args.output)
   try:
     if out.exists() and not args.force:
@@ -112,8 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     variables, report = fn(sd, cfg, dtype=dtype)
     report.how_loaded = how
     print(report.summary())
-    extra = {'source': str(pathlib.Path(args.input).resolve()),
-             'converted_with': 'tools/convert_ir50.py',
+    names = ()
+    if args.full:
+      names, message = class_names(args, cfg['num_classes'])
+      print(message)
+    extra = {'class_names': list(names) or None,
+             'release': args.zoo or None,'source': str(pathlib.Path(args.input).resolve()),
+             'converted_with': 'qcs-convert',
              'read_with': how, 'layout': report.layout,
              'keys_loaded': len(report.loaded),
              'keys_ignored': sum(len(v) for v in report.ignored.values()),

@@ -30,6 +30,7 @@ from qcs_jax import runtime
 from qcs_jax.training import state as train_state, step as train_step
 
 # config.model fields that do not change the weights or the logits' meaning.
+_SHOW_BAD = 20  # bad images listed in the report
 _RUNTIME_FIELDS = ("dtype", "base_drop", "cross_drop", "base_proj_drop", "cross_proj_drop")
 
 
@@ -157,7 +158,8 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
 
   Returns:
     metrics.summarize(...) fields plus confusion_matrix, class_names, split,
-    checkpoint, tta_flip, images_per_sec, num_skipped, warnings, and numpy arrays
+    checkpoint, tta_flip, images_per_sec, num_skipped, bad_images (one line per
+    skipped file), warnings, and numpy arrays
     index, labels, preds, probs (not JSON-written).
   """
   from qcs_jax.training import plots  # pylint: disable=import-outside-toplevel
@@ -215,7 +217,8 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
       confusion_matrix=cm.tolist(), class_names=list(class_names), split=split,
       data=src.name, checkpoint=os.path.abspath(ckpt_dir), tta_flip=bool(tta_flip),
       seconds=seconds, images_per_sec=len(labels) / seconds if seconds > 0 else 0.0,
-      num_skipped=int(getattr(batches, "num_skipped", 0)), warnings=warnings)
+      num_skipped=int(getattr(batches, "num_skipped", 0)), warnings=warnings,
+      bad_images=[r for _, r in sorted(getattr(batches, "bad_reasons", {}).items())])
   if output:
     os.makedirs(output, exist_ok=True)
     tag = " (flip TTA)" if tta_flip else ""
@@ -245,7 +248,12 @@ def format_report(result: dict) -> str:
                  f"{100 * m['f1']:9.2f}%{m['support']:9d}")
   lines.append(f"{result['images_per_sec']:.1f} images/s (including compilation)")
   if result.get("num_skipped"):
-    lines.append(f"{result['num_skipped']} bad images skipped (data.on_bad_image='skip')")
+    lines.append(f"{result['num_skipped']} bad images skipped (data.on_bad_image='skip'), "
+                 "not counted in the metrics:")
+    bad = result.get("bad_images") or []
+    lines += [f"  {r}" for r in bad[:_SHOW_BAD]]
+    if len(bad) > _SHOW_BAD:
+      lines.append(f"  ... and {len(bad) - _SHOW_BAD} more")
   return "\n".join(lines)
 
 
@@ -271,6 +279,7 @@ def run() -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # no orbax/XLA INFO lines
+    runtime.enable_compilation_cache()  # QCS_JAX_CACHE_DIR=0 turns it off
     try:
       result = evaluate_checkpoint(
           config.value, ckpt.value, split.value, tta.value, output.value, preds_csv.value,
@@ -287,7 +296,8 @@ def run() -> None:
       print(f"wrote {preds_csv.value}")
 
   runtime.set_cpu_xla_defaults()
-  app.run(main)
+  from qcs_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=config_lib.parse_flags_or_exit)
 
 
 if __name__ == "__main__":

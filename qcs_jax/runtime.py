@@ -33,3 +33,47 @@ def set_cpu_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> None
   if environ.get(OPT_OUT, "1") == "0":
     return
   environ["XLA_FLAGS"] = with_cpu_xla_defaults(environ.get("XLA_FLAGS", ""))
+
+
+CACHE_ENV = "QCS_JAX_CACHE_DIR"  # a folder, or 0 / off / none to disable the cache
+
+
+def default_cache_dir(environ: MutableMapping[str, str] = os.environ) -> str | None:
+  """Where compiled XLA programs are kept: $QCS_JAX_CACHE_DIR, else ~/.cache/qcs_jax/xla
+  ($XDG_CACHE_HOME honoured); None when $QCS_JAX_CACHE_DIR is 0, off or none."""
+  value = environ.get(CACHE_ENV)
+  if value is not None:
+    return None if value.strip().lower() in ("0", "off", "none", "false", "") else value
+  home = environ.get("HOME") or os.path.expanduser("~")
+  base = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+  return os.path.join(base, "qcs_jax", "xla")
+
+
+def enable_compilation_cache(directory: str | None | bool = True,
+                             environ: MutableMapping[str, str] = os.environ) -> str | None:
+  """Turns on JAX's persistent compilation cache; returns the folder in use (None: off).
+
+  A fresh process then loads each compiled program (e.g. the model's inference
+  path at batch 1) from disk instead of compiling it again. directory: True for
+  default_cache_dir(), a path, or False/None to leave the cache off. A cache
+  folder the user already gave JAX (JAX_COMPILATION_CACHE_DIR) is kept as is.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if directory is True:
+    directory = default_cache_dir(environ)
+  if not directory:
+    return None
+  directory = os.path.expanduser(str(directory))
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError:
+    return None  # a read-only home: run without the cache rather than fail
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Cache every program, even quick ones: the inference path at paper size
+  # compiles in seconds on CPU, and small ones add up at start-up.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory

@@ -1,4 +1,4 @@
-"""tools/benchmark.py end to end on a small network: both frameworks, one inference
+"""tools/benchmark.py (qcs_jax.bench) end to end on a small network: both frameworks, one inference
 batch and one SAM train step, the same weights on both sides."""
 import json
 import os
@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from qcs_jax.bench import cli, common, report, runner
 
-import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +18,10 @@ def bench_json(tmp_path_factory):
   cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--framework", "both",
          "--model", "dcs", "--width", "small", "--img_size", "32", "--batch", "2",
          "--infer_batch", "3", "--steps", "2", "--warmup", "1", "--threads", "1",
-         "--json", str(out), "--markdown"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+         "--json", str(out), "--markdown", "--extra", "torch:float32:channels_last"]
+  # This checkout's qcs_jax, whatever copy the virtualenv has installed.
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   with open(out) as f:
@@ -29,13 +30,16 @@ def bench_json(tmp_path_factory):
 
 def test_both_frameworks_compute_the_same_thing(bench_json):
   saved, _ = bench_json
-  rows = {(r["framework"], r["key"]): r for r in saved["rows"]}
-  assert set(rows) == {("jax", "train"), ("torch", "train"), ("jax", "infer:3"),
-                       ("torch", "infer:3")}
+  rows = {(r["contender"], r["key"]): r for r in saved["rows"]}
+  cl = "torch[channels_last]"
+  assert set(rows) == {(fw, key) for fw in ("jax", "torch", cl) for key in ("train", "infer:3")}
   # The first train loss (before any update) and logits[0, 0] of inference agree.
   for key in ("train", "infer:3"):
-    j, t = rows[("jax", key)]["first_loss"], rows[("torch", key)]["first_loss"]
-    assert abs(j - t) <= 1e-4 * max(1.0, abs(t)), (key, j, t)
+    t = rows[("torch", key)]["first_loss"]
+    for other in ("jax", cl):
+      j = rows[(other, key)]["first_loss"]
+      assert abs(j - t) <= 1e-4 * max(1.0, abs(t)), (key, other, j, t)
+  assert "channels_last" in rows[(cl, "train")]["versions"]
   assert rows[("jax", "train")]["images"] == 4  # DCS: 2 anchors x 2 branches
   for r in saved["rows"]:
     assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["rss_peak_mib"] > 0
@@ -44,26 +48,38 @@ def test_both_frameworks_compute_the_same_thing(bench_json):
 
 def test_markdown_rows_name_machine_versions_and_date(bench_json):
   saved, stdout = bench_json
-  assert benchmark.MD_HEADER.splitlines()[0] in stdout
+  assert report.MD_HEADER.splitlines()[0] in stdout
   md = [l for l in stdout.splitlines() if l.startswith(f"| {saved['date']} |")]
-  assert len(md) == 4
+  assert len(md) == 6
   assert any("torch 2." in l for l in md) and any("jax 0." in l for l in md)
   assert all("dcs small 32px float32" in l for l in md)
 
 
 def test_gpu_peak_table():
-  assert benchmark.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
-  assert benchmark.gpu_peak("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756e12)
-  assert benchmark.gpu_peak("NVIDIA H200")["tf32"] == pytest.approx(494.7e12)
-  assert benchmark.gpu_peak("cpu") is None
+  assert common.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
+  assert common.gpu_peak("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756e12)
+  assert common.gpu_peak("NVIDIA H200")["tf32"] == pytest.approx(494.7e12)
+  assert common.gpu_peak("cpu") is None
 
 
 def test_roofline_reports_the_best_gemm_rate(capsys, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main() appends to it
-  benchmark.main(["--roofline", "--roofline_sizes", "128,256", "--steps", "2",
+  cli.main(["--roofline", "--roofline_sizes", "128,256", "--steps", "2",
                   "--threads", "1"])
   out = capsys.readouterr().out
   rates = [float(l.split(":")[1].split()[0]) for l in out.splitlines() if "GEMM:" in l]
   assert len(rates) == 4 and all(r > 0 for r in rates)  # 2 sizes x 2 frameworks
   best = [l for l in out.splitlines() if l.startswith("attainable float32 rate")]
   assert len(best) == 1 and f"{max(rates):.1f} GFLOP/s" in best[0]
+
+
+def test_extra_contenders_parse_and_reject_nonsense():
+  args = cli.parse_args(["--framework", "both", "--extra", "torch:float32:channels_last",
+                         "--extra", "jax:bfloat16", "--extra", "torch:bfloat16"])
+  got = [(c.name, c.framework, c.dtype, c.channels_last) for c in runner.make_contenders(args)]
+  assert got == [("jax", "jax", "float32", False), ("torch", "torch", "float32", False),
+                 ("torch[channels_last]", "torch", "float32", True),
+                 ("jax[bf16]", "jax", "bfloat16", False), ("torch[bf16]", "torch", "bfloat16", False)]
+  for bad in ("jax:bfloat16:channels_last", "torch:float16", "tf", "torch:float32:nhwc"):
+    with pytest.raises(ValueError, match="--extra"):
+      runner.parse_extra(bad)

@@ -1,4 +1,4 @@
-"""CSA maths (qcs_jax.models.csa) against torch autograd versions of ARCHITECTURE.md section 6."""
+"""CSA maths (qcs_jax.models.csa) against torch autograd versions of docs/ARCHITECTURE.md section 6."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,15 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import jit, rel_err
 from qcs_jax.models import csa
-
-# XLA:CPU's LLVM optimisation dominates the run time of these tiny programs.
-FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
-def jit(f, **kw):
-  return jax.jit(f, compiler_options=FAST_COMPILE, **kw)
-
 
 # Distinct token counts per branch: a map indexed by the wrong branch fails on shape.
 NS = (5, 6, 7, 8)
@@ -22,22 +15,9 @@ C = 16
 B = 3
 
 
-@pytest.fixture
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', prev)
-
-
 def _qks(seed, dtype=np.float64, ns=NS, b=B):
   rng = np.random.default_rng(seed)
   return [rng.normal(size=(b, n, C)).astype(dtype) for n in ns]
-
-
-def rel_err(ours, ref) -> float:
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 # --- torch references, written literally from the notation of section 6 ----------

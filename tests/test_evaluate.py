@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_model_cfg
 from qcs_jax import checkpoint, config, evaluate
 from qcs_jax.data import synthetic, transforms
 from qcs_jax.data.sources import InMemorySource
@@ -17,8 +18,7 @@ from qcs_jax.models import build_model
 from qcs_jax.predict import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(name="qcs", csa="sd", num_classes=7, img_size=32, stage_channels=(8, 8, 16),
-            stage_units=(1, 1, 1), embed_dim=16, num_heads=2, base_depth=1, cross_depth=1)
+TINY = tiny_model_cfg("qcs", img_size=32, stage_channels=(8, 8, 16), embed_dim=16)
 N = 20
 
 

@@ -9,13 +9,6 @@ import pytest
 from qcs_jax.training import losses, optim
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def _toy_loss(params, x, y):
   pred = jnp.tanh(x @ params["w"] + params["b"])
   return jnp.mean((pred - y) ** 2)

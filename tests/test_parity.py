@@ -1,7 +1,7 @@
 """Numerical parity of the Flax model with the PyTorch reference.
 
 Weights go PyTorch -> qcs_jax.convert -> Flax, so this also checks the
-converter. Relative error = max|ours - ref| / max|ref| (ARCHITECTURE.md 7).
+converter. Relative error = max|ours - ref| / max|ref| (docs/ARCHITECTURE.md section 9).
 - paper size (224x224, width 768), float32, eval mode: stage outputs, tokens,
   base logits, the training-time graph (QCS 7 classes: 8 outputs, DCS 8
   classes: 4 outputs) <= 1e-5, CSA maps <= 5e-5;
@@ -141,7 +141,7 @@ def test_parameter_counts(full_qcs):
   total = R.count_params(ref)
   used = R.count_params(ref, unused)
   output_layer = R.count_params(ref.ir_back.output_layer)
-  # ARCHITECTURE.md: output_layer 12.85M of 16.06M never-used parameters:
+  # docs/ARCHITECTURE.md sections 1 and 3: output_layer 12.85M of 16.06M never-used parameters:
   # output_layer, per-block ViT conv, CON1, IRLinear1/2, eca_block, patch_embed.
   assert round((total - used) / 1e6, 2) == 16.06
   assert round(output_layer / 1e6, 2) == 12.85

@@ -1,4 +1,4 @@
-"""qcs_jax.predict and qcs_jax.faces: photos, folders, videos, problems, CLI."""
+"""qcs_jax.predict and qcs_jax.apps (faces, batch): photos, folders, videos, problems, CLI."""
 import csv
 import json
 
@@ -8,7 +8,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import checkpoint, evaluate, predict
+from qcs_jax import checkpoint, predict
 from qcs_jax.apps import faces
 from qcs_jax.data import synthetic, transforms
 from qcs_jax.models import build_model
@@ -72,7 +72,7 @@ def test_detects_the_astronaut_face_and_annotates(loaded, tmp_path):
   path = tmp_path / "astronaut.png"
   image = skimage.data.astronaut()
   Image.fromarray(image).save(path)
-  rows = predict.predict_paths([str(path)], loaded, batch_size=BATCH,
+  rows = predict.predict_paths([str(path)], loaded, batch_size=BATCH, detector="haar",
                                annotate=str(tmp_path / "ann"))
   assert len(rows) == 1
   x, y, w, h = rows[0]["box"]
@@ -126,7 +126,8 @@ def test_synthetic_face_is_detected(loaded, tmp_path):
   canvas = np.full((200, 260, 3), 90, np.uint8)
   canvas[40:152, 100:212] = face
   Image.fromarray(canvas).save(tmp_path / "scene.png")
-  rows = predict.predict_paths([str(tmp_path / "scene.png")], loaded, batch_size=BATCH)
+  rows = predict.predict_paths([str(tmp_path / "scene.png")], loaded, batch_size=BATCH,
+                               detector="haar")
   assert len(rows) == 1
   x, y, w, h = rows[0]["box"]
   assert 100 <= x and x + w <= 212 and 40 <= y and y + h <= 152 and w >= 40
@@ -147,7 +148,7 @@ def test_video_rows_per_sampled_frame_with_timestamps(loaded, tmp_path):
   frames = [face, face, face, face, blank, blank, face]  # frames 4, 5 hold no face
   _write_video(tmp_path / "clip.avi", frames, 10.0, "MJPG")
   msgs, report = _collect()
-  rows = predict.predict_paths([str(tmp_path / "clip.avi")], loaded, every=2,
+  rows = predict.predict_paths([str(tmp_path / "clip.avi")], loaded, every=2, detector="haar",
                                batch_size=BATCH, on_problem=report,
                                annotate=str(tmp_path / "ann"))
   assert [(r["frame"], r["time"]) for r in rows] == [(0, 0.0), (2, 0.2), (6, 0.6)]
@@ -170,7 +171,7 @@ def test_video_rows_per_sampled_frame_with_timestamps(loaded, tmp_path):
 
 
 def test_cli_csv_jsonl_and_exit_status(loaded, tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(evaluate, "load_checkpoint", lambda path: loaded)
+  monkeypatch.setattr(checkpoint, "load_model", lambda path, **kw: loaded)
   for i in range(2):
     Image.fromarray(synthetic.render_face(i, 48, seed=i)).save(tmp_path / f"f{i}.png")
   out = tmp_path / "preds.csv"

@@ -247,8 +247,8 @@ def test_ferplus_csv_layout(tmp_path, capsys):
   root = _fer_csvs(str(tmp_path))
   train = S.ferplus(root, "train")
   assert isinstance(train, S.InMemorySource) and train.name == "ferplus/train"
-  assert train.class_names == ("neutral", "happiness", "surprise", "sadness", "anger",
-                               "disgust", "fear", "contempt")
+  assert train.class_names == ("Neutral", "Happiness", "Surprise", "Sadness", "Anger",
+                               "Disgust", "Fear", "Contempt")
   np.testing.assert_array_equal(train.labels, [1, 7])
   img = train[1]["image"]
   assert img.shape == (48, 48, 3) and img.dtype == np.uint8

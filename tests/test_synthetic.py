@@ -6,8 +6,10 @@ import pytest
 from PIL import Image
 
 from qcs_jax.data.sources import DataError, InMemorySource
-from qcs_jax.data.synthetic import (CLASS_NAMES, confound_code, make_synthetic_split, render_face,
+from qcs_jax.data.synthetic import (CLASS_NAMES, confound_code, make_synthetic_split,
+                                    parse_confound, render_face, sample_factors,
                                     save_sample_grid)
+from qcs_jax.data.synthetic import main as synthetic_main
 
 
 def cfg(**kw):
@@ -145,3 +147,80 @@ def test_sample_grid(tmp_path):
     grid = np.asarray(im.convert("RGB"))
   first = np.flatnonzero(src.labels == 0)[0]
   np.testing.assert_array_equal(grid[:40, 90:130], src.images[first])
+
+
+# --- confound strength (issue 16) ---------------------------------------------------
+
+def _agree(src, factor="background"):
+  return np.mean(confound_code(src.factors[factor + "_u"]) == src.factors["label"])
+
+
+def test_strength_zero_is_the_independent_data_set():
+  plain = make_synthetic_split(cfg(label_noise=0.1), "train")
+  zero = make_synthetic_split(cfg(label_noise=0.1, confound="background:0"), "train")
+  np.testing.assert_array_equal(plain.images, zero.images)
+  np.testing.assert_array_equal(plain.labels, zero.labels)
+  assert zero.confound == {}
+
+
+@pytest.mark.parametrize("p", [0.5, 0.95, 1.0])
+def test_strength_sets_the_agreement(p):
+  """P(nuisance bin == class) = p + (1 - p) / 7 in train; 1/7 in test."""
+  labels = np.arange(7000) % 7
+  f = sample_factors(labels, np.random.default_rng(0), {"background": p},
+                     confound_rng=np.random.default_rng(1))
+  agree = np.mean(confound_code(f["background_u"]) == labels)
+  assert abs(agree - (p + (1 - p) / 7)) < 0.02, agree
+  if p == 1.0:
+    assert agree == 1.0
+  assert abs(np.mean(confound_code(f["skin_u"]) == labels) - 1 / 7) < 0.02
+
+
+def test_strengths_are_per_nuisance_and_coupled_across_p():
+  labels = np.arange(3500) % 7
+
+  def draw(conf):
+    return sample_factors(labels, np.random.default_rng(4), conf,
+                          confound_rng=np.random.default_rng(5))
+
+  free, half, most = draw({}), draw("background:0.5,glasses:0.2"), draw(["background:0.8"])
+  moved = {k: f["background_u"] != free["background_u"] for k, f in (("half", half),
+                                                                     ("most", most))}
+  assert 0.45 < moved["half"].mean() < 0.55 and 0.75 < moved["most"].mean() < 0.85
+  assert not (moved["half"] & ~moved["most"]).any()  # the p=0.5 faces are among the p=0.8 ones
+  for key in ("mouth_c", "brow_h", "skin_u", "hair_u", "bg_kind", "cx"):
+    np.testing.assert_array_equal(free[key], half[key])
+    np.testing.assert_array_equal(free[key], most[key])
+  g = half["glasses"]
+  gap = g[labels % 2 == 1].mean() - g[labels % 2 == 0].mean()
+  assert 0.1 < gap < 0.35, gap  # glasses at p=0.2: a weak confound
+  np.testing.assert_array_equal(free["glasses"], most["glasses"])
+
+
+def test_split_records_its_confound_and_test_stays_free():
+  c = cfg(num_train=350, num_test=350, confound=("background:0.95", "glasses"),
+          confound_strength=0.6)
+  train, test = make_synthetic_split(c, "train"), make_synthetic_split(c, "test")
+  assert train.confound == {"background": 0.95, "glasses": 0.6} and test.confound == {}
+  assert _agree(train) > 0.85 and _agree(test) < 0.3
+
+
+def test_parse_confound_errors():
+  assert parse_confound("background:0.5, noise", 0.9) == {"background": 0.5, "noise": 0.9}
+  assert parse_confound({"lighting": 1}) == {"lighting": 1.0}
+  assert parse_confound(None) == {} and parse_confound(["skin:0"]) == {}
+  for bad, msg in (("hat", "unknown confound 'hat'"), ("skin,skin:0.2", "listed twice"),
+                   ("skin:1.5", "must be in \\[0, 1\\], got 1.5"), ("skin:x", "a number")):
+    with pytest.raises(DataError, match=msg):
+      parse_confound(bad)
+  with pytest.raises(DataError, match="confound_strength"):
+    make_synthetic_split(cfg(confound="skin", confound_strength=2.0), "train")
+
+
+def test_cli_bad_confound_says_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    synthetic_main(["--num", "7", "--image_size", "32", "--confound", "skin:7",
+                    "--out", str(tmp_path / "g.png")])
+  assert e.value.code == 2
+  assert "error: data.synthetic: confound strength of 'skin' must be in [0, 1]" in \
+      capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Both frameworks start from the same weights (PyTorch reference -> qcs_jax.convert)
 and see the same batch, dropout 0. The PyTorch step is written out here as the
-reference does it (ARCHITECTURE.md sections 7 and 8): train mode, mean of the
+reference does it (docs/ARCHITECTURE.md sections 7 and 8): train mode, mean of the
 8 (QCS) / 4 (DCS) cross-entropies of the separate per-branch ir_back calls,
 SAM perturbation e = rho g / (||g|| + 1e-12) over the parameters that got a
 gradient, a second train-mode pass at w + e, then torch.optim.Adam on w. Both
@@ -10,8 +10,9 @@ passes update the BatchNorm running statistics.
 
 Compared after the step (relative error max|ours - ref| / max|ref| per tensor):
 every Flax parameter and running statistic against the converted PyTorch state
-dict, the per-leaf update w_new - w_old, and the first pass's loss. DCS runs
-with QCS_SLOW_TESTS=1 only (time).
+dict, the per-leaf update w_new - w_old, and the first pass's loss. Two
+configurations, both on every run: QCS on RAF-DB (7 classes) and DCS on
+AffectNet-8 (8 classes), each the recipe's model at tiny widths, dropout 0.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from qcs_jax.interop import reference as R
+from conftest import TINY_MODEL, rel_err
 from qcs_jax import config as config_lib
 from qcs_jax.interop import converter as convert
+from qcs_jax.interop import reference as R
+from qcs_jax.models import NUM_BRANCHES, build_model
 from qcs_jax.training import optim, state as train_state, step as train_step
-from qcs_jax.models import build_model
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 TOL64 = 1e-10
 # The update w_new - w_old (~lr per element) measured against itself: stricter
@@ -40,29 +44,6 @@ LR, RHO = 1e-3, 0.05
 BATCH = 2
 
 
-@pytest.fixture
-def torch_one_thread():
-  """One intra-op thread: tiny float64 ops on a busy 2-core machine are ~50x
-  slower with OpenMP's 2 threads (each op waits for a descheduled thread)."""
-  old = torch.get_num_threads()
-  torch.set_num_threads(1)
-  try:
-    yield
-  finally:
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def x64():
-  """jax_enable_x64 for one test, restoring the previous value."""
-  old = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_enable_x64', old)
-
-
 def _optim_cfg():
   c = config_lib.base_config().optim
   c.update(lr=LR, rho=RHO, b1=0.9, b2=0.999, eps=1e-8, gamma=0.5, sam=True)
@@ -71,7 +52,7 @@ def _optim_cfg():
 
 def _batch(cfg, seed):
   """images (B, nb, H, W, 3) float64 and labels (B, nb): (y, y[, y_neg, y_neg])."""
-  nb = R.NUM_BRANCHES[cfg['name']]
+  nb = NUM_BRANCHES[cfg['name']]
   images = R.random_images(cfg, BATCH, seed=seed, branches=nb).astype(np.float64)
   rng = np.random.default_rng(seed + 1)
   k = cfg['num_classes']
@@ -141,18 +122,21 @@ def _key_bias(path, d: int) -> slice | None:
   return slice(d, 2 * d) if path[-3:] == ('attn', 'qkv', 'bias') else None
 
 
-# Units (1, 1, 1) still hold a max-pool (identity) shortcut and two conv
-# shortcuts; one VIT_base block. Forward parity of deeper models: test_parity.py.
-# Each model costs ~45 s of XLA compile on 2 cores (cold cache), so DCS, whose
-# train-mode forward and running statistics test_parity.py already checks, runs
-# only with QCS_SLOW_TESTS=1 (it passed at 1e-11 when written).
-@pytest.mark.parametrize('overrides', [
-    dict(name='qcs', csa='sd', minmax='global'),
-    pytest.param(dict(name='dcs', csa='s', minmax='global'), marks=pytest.mark.skipif(
-        not os.environ.get('QCS_SLOW_TESTS'), reason='slow: set QCS_SLOW_TESTS=1')),
-], ids=lambda o: o['name'])
-def test_float64_train_step_matches_reference(x64, torch_one_thread, overrides):
-  cfg = R.make_cfg(stage_units=(1, 1, 1), base_depth=1, **overrides)
+def tiny_recipe_model(recipe: str) -> dict:
+  """config.model of configs/<recipe> at TINY_MODEL widths (4 heads), dropout 0."""
+  cfg = config_lib.load_config_file(os.path.join(CONFIGS, recipe)).model.to_dict()
+  cfg.update(TINY_MODEL, num_classes=cfg['num_classes'], num_heads=4)
+  cfg.update({k: 0.0 for k in cfg if 'drop' in k})
+  return cfg
+
+
+# One VIT_base block, units (1, 1, 1). Forward parity of deeper models: test_parity.py.
+# Each model costs ~35 s of XLA compile (CPU time) with a cold cache.
+@pytest.mark.parametrize('recipe', ['rafdb.py', 'affectnet8_dcs.py'])
+def test_float64_train_step_matches_reference(x64, torch_one_thread, recipe):
+  cfg = tiny_recipe_model(recipe)
+  assert (cfg['name'], cfg['num_classes']) == {'rafdb.py': ('qcs', 7),
+                                               'affectnet8_dcs.py': ('dcs', 8)}[recipe]
   ref = R.build_reference(cfg, seed=11, dtype=torch.float64)
   images, labels = _batch(cfg, seed=12)
   sd_before = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
@@ -176,7 +160,7 @@ def test_float64_train_step_matches_reference(x64, torch_one_thread, overrides):
   errors, update_errors = {}, {}
   for path, value in ours.items():
     key = convert.torch_key(path)
-    errors[key] = R.rel_err(value, want[path])
+    errors[key] = rel_err(value, want[path])
     ours_update, ref_update = value - old[path], want[path] - old[path]
     if path[0] == 'batch_stats':
       # 2 passes x nb calls of momentum 0.1: a visible move towards the batch's statistics.
@@ -191,7 +175,7 @@ def test_float64_train_step_matches_reference(x64, torch_one_thread, overrides):
         ours_update, ref_update = ours_update[keep], ref_update[keep]
       # Adam's first step moves every weight with a gradient by ~lr (|g| >> eps).
       assert np.max(np.abs(ref_update)) > 0.5 * LR, key
-    update_errors[key] = R.rel_err(ours_update, ref_update)
+    update_errors[key] = rel_err(ours_update, ref_update)
   loss_error = abs(loss - ref_loss) / abs(ref_loss)
 
   def worst(errs):
@@ -220,4 +204,4 @@ def test_float64_learning_rate_is_not_rounded_to_float32(x64):
   updates, _ = tx.update(g1, tx.init(params), params, grad_fn=lambda p, i: g2)
   want = -1e-3 * g2['w'] / (np.abs(g2['w']) + 1e-8)
   assert np.asarray(updates['w']).dtype == np.float64
-  assert R.rel_err(updates['w'], want) <= 1e-14
+  assert rel_err(updates['w'], want) <= 1e-14

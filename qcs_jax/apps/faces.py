@@ -1,4 +1,4 @@
-"""Face detection (OpenCV's bundled Haar cascade) and square face crops.
+"""Face crops: Haar detection, margin-padded square crops, eye-aligned crops.
 
 The training data sets hold aligned faces: roughly square crops from the
 forehead to the chin. A Haar box covers the eyebrows to the mouth, so a crop
@@ -89,3 +89,47 @@ def crop(image: np.ndarray, box: Box) -> np.ndarray:
 def face_crop(image: np.ndarray, box: Box, margin: float = 0.25) -> np.ndarray:
   """The square, margin-padded crop of a detected face (uint8, side x side)."""
   return crop(image, square_crop_box(box, margin))
+
+
+# ----------------------------------------------------------------------------- alignment
+# Aligned training faces (RAF-DB's 100x100 "aligned" set and the like) are
+# similarity-aligned on facial landmarks: eyes level, at a fixed height and
+# distance. ALIGN_EYE_Y / ALIGN_EYE_DISTANCE place the eye centres as the common
+# 5-point face template does (112x112 crops: eyes at y 51.6, x 38.3 and 73.5),
+# a tight forehead-to-chin square; they are fractions of the output side.
+ALIGN_EYE_Y = 0.46
+ALIGN_EYE_DISTANCE = 0.315
+
+
+def eye_alignment(right_eye: tuple[float, float], left_eye: tuple[float, float], side: int,
+                  eye_y: float = ALIGN_EYE_Y, eye_distance: float = ALIGN_EYE_DISTANCE
+                  ) -> np.ndarray:
+  """The 2x3 similarity that maps the subject's right eye to (0.5 - d/2, eye_y) x side and
+  the left eye to (0.5 + d/2, eye_y) x side: eyes level, centred, d x side apart."""
+  r, l = np.asarray(right_eye, np.float64), np.asarray(left_eye, np.float64)
+  d = l - r
+  dist = float(np.hypot(*d))
+  if dist < 1e-6:
+    raise ValueError(f"eyes at the same point {tuple(r)}: cannot align")
+  s = eye_distance * side / dist
+  c, si = d / dist
+  rot = s * np.array([[c, si], [-si, c]])
+  centre = (r + l) / 2.0
+  t = np.array([0.5 * side, eye_y * side]) - rot @ centre
+  return np.concatenate([rot, t[:, None]], axis=1)
+
+
+def aligned_crop(image: np.ndarray, right_eye: tuple[float, float],
+                 left_eye: tuple[float, float], max_side: int = 448) -> np.ndarray:
+  """The eye-aligned square face crop (uint8), black outside the image.
+
+  Its side is the face's own resolution (eye distance / ALIGN_EYE_DISTANCE),
+  at most max_side and at least 16 px, so the model's resize to img_size
+  (PIL bilinear with antialiasing, as in training) does the scaling.
+  """
+  import cv2  # pylint: disable=import-outside-toplevel
+  dist = float(np.hypot(*(np.asarray(left_eye, float) - np.asarray(right_eye, float))))
+  side = int(np.clip(round(dist / ALIGN_EYE_DISTANCE), 16, max_side))
+  m = eye_alignment(right_eye, left_eye, side)
+  return cv2.warpAffine(np.ascontiguousarray(image), m, (side, side), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))

@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
 
 class DataError(ValueError):
@@ -19,15 +18,12 @@ class DataError(ValueError):
 
 
 def decode_rgb(path: str) -> np.ndarray:
-  """Reads an image file as uint8 (H, W, 3) RGB; a clear DataError if it cannot."""
-  try:
-    with Image.open(path) as im:
-      im.load()
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except FileNotFoundError as e:
-    raise DataError(f"missing image file: {path}") from e
-  except Exception as e:  # PIL raises many types for corrupt data
-    raise DataError(f"corrupt or unreadable image {path}: {e}") from e
+  """Reads an image file as uint8 (H, W, 3) RGB; one DataError line naming the file if not.
+
+  See qcs_jax.data.images (decompression bombs, empty, truncated, CMYK, 16-bit, alpha).
+  """
+  from qcs_jax.data import images  # pylint: disable=import-outside-toplevel  # imports base
+  return images.decode_rgb(path)
 
 
 @dataclasses.dataclass

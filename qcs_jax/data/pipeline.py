@@ -43,6 +43,7 @@ _REPLACE_KEY = 0x52504c43   # ... and the replacement draws of skipped images
 _MAX_REPLACEMENTS = 16
 _BAD_IMAGE_ERRORS = (DataError, OSError, ValueError)
 ON_BAD_IMAGE = ("error", "skip")
+_SKIP_HINT = " (--config.data.on_bad_image=skip skips bad images and counts them)"
 
 
 def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
@@ -138,7 +139,7 @@ class _TrainStep:
       return True
     except _BAD_IMAGE_ERRORS as e:
       if not self.skip:
-        raise _named_error(self.source, i, e) from e
+        raise DataError(f"{_named_error(self.source, i, e)}{_SKIP_HINT}") from e
       self._known_bad.add(i)
       return False
 
@@ -217,7 +218,7 @@ class _EvalStep:
         mask[a] = True
       except _BAD_IMAGE_ERRORS as e:
         if not self.skip:
-          raise _named_error(self.source, i, e) from e
+          raise DataError(f"{_named_error(self.source, i, e)}{_SKIP_HINT}") from e
         images[a] = 0.0
         bad.append(i)
     return {"image": images, "label": label, "index": index, "mask": mask,
@@ -234,6 +235,15 @@ def _describe(source: Any, i: int) -> str:
   return source.describe(i) if hasattr(source, "describe") else f"item {i}"
 
 
+def _bad_reason(source: Any, i: int) -> str:
+  """One line naming item i and what is wrong; re-decodes it (workers pass only indices)."""
+  try:
+    source[i]
+  except _BAD_IMAGE_ERRORS as e:
+    return str(_named_error(source, i, e)).splitlines()[0]
+  return f"{_describe(source, i)}: decoded, but its transform failed"
+
+
 class _Batches(Iterator[dict]):
   """Iterates a grain pipeline of whole batches; counts and logs skipped images."""
 
@@ -242,6 +252,7 @@ class _Batches(Iterator[dict]):
     self.workers = workers
     self.num_skipped = 0                    # bad-image events (replaced or masked)
     self.bad_items: dict[int, str] = {}     # source index -> file, each bad item once
+    self.bad_reasons: dict[int, str] = {}   # source index -> one line: file and what is wrong
     self._it = None
 
   def _dataset(self) -> grain.IterDataset:
@@ -268,7 +279,8 @@ class _Batches(Iterator[dict]):
       self.num_skipped += 1
       if i not in self.bad_items:
         self.bad_items[i] = _describe(self.source, i)
-        log.warning("skipping bad image %s (%d skipped so far)", self.bad_items[i],
+        self.bad_reasons[i] = _bad_reason(self.source, i)
+        log.warning("skipping bad image %s (%d skipped so far)", self.bad_reasons[i],
                     self.num_skipped)
 
   def __iter__(self):

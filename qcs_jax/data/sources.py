@@ -26,6 +26,26 @@ from qcs_jax.data.readers.rafdb import RAFDB_CLASSES, rafdb
 
 # --- dispatch and checks ----------------------------------------------------------
 
+# Where each data set comes from and the layout data.root must hold (none can be
+# downloaded by this package: their licences require a request or an account).
+DATA_HELP = {
+    "rafdb": "RAF-DB is given out by its authors on request (http://www.whdeng.cn/RAF/"
+             "model1.html); data.root holds basic/EmoLabel/list_patition_label.txt and "
+             "basic/Image/aligned/*_aligned.jpg (or set data.list_train/list_test to QCS "
+             "list files).",
+    "ferplus": "FERPlus = the FER2013 images (fer2013.csv, Kaggle's 'Challenges in "
+               "Representation Learning: Facial Expression Recognition Challenge') plus "
+               "the FERPlus labels (fer2013new.csv, https://github.com/microsoft/FERPlus); "
+               "data.root holds both files, or the FERPlus repo's FER2013Train/Valid/Test "
+               "folders with label.csv and PNGs.",
+    "affectnet7": "AffectNet is given out by its authors on request "
+                  "(http://mohammadmahoor.com/affectnet/); data.root holds "
+                  "Manually_Annotated_file_lists/{training,validation}.csv and "
+                  "Manually_Annotated_Images/.",
+    "folder": "data.root holds <split>/<class name>/*.jpg.",
+}
+DATA_HELP["affectnet8"] = DATA_HELP["affectnet7"]
+
 DATASET_NAMES = ("rafdb", "ferplus", "affectnet7", "affectnet8", "folder", "csv", "synthetic")
 
 
@@ -64,7 +84,8 @@ def open_split(data_cfg: Any, split: str) -> FERSource:
     return _generic.csv_manifest(_resolve_option_path(csv_path, root), split,
                                 _class_names_option(get("class_names", None)), on_missing)
   if not root:
-    raise DataError(f"data.root is empty: set it to the {name} download folder")
+    raise DataError(f"data.root is empty: set --config.data.root to your {name} folder. "
+                    + DATA_HELP[name])
   if name == "rafdb":
     return _rafdb.rafdb(root, split, get("rafdb_variant", "aligned") or "aligned",
                        get(f"list_{split}", None) or None, on_missing)

@@ -8,21 +8,30 @@ scale and rotation, background (colour, gradient, stripes, texture), hair,
 glasses, lighting, pixel noise. ``confound`` makes chosen nuisances predictive of
 the class in the train split only: the redundant features QCS claims to ignore.
 
-Rendering is vectorised numpy over batches with anti-aliased signed distances;
-small features are drawn on per-image patches gathered from the batch.
+Confound strength p (per nuisance, ``confound=("background:0.95", "glasses")``; a
+bare name takes ``confound_strength``): each training face's nuisance follows its
+class with probability p and is drawn independently of it otherwise, so p = 0 is
+today's independent data set (bit for bit) and p = 1 determines the nuisance by
+the class. The draws are coupled across p: the faces, and which of them follow
+their class (a fixed uniform per face below p), are the same for every p, so the
+images confounded at p = 0.5 are a subset of those at p = 0.8.
+
+This module decides *what* is drawn; synthetic_render.py draws it.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import math
-import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from qcs_jax.data.sources import DataError, InMemorySource
+from qcs_jax.data.synthetic_render import NUM_IRIS, confound_code, render_faces
+
+__all__ = ["CLASS_NAMES", "NUM_CLASSES", "NUISANCE_FACTORS", "SPLITS",
+           "DEFAULT_CONFOUND_STRENGTH", "confound_code", "parse_confound", "sample_factors",
+           "render_faces", "make_synthetic_split", "render_face", "save_sample_grid", "main"]
 
 CLASS_NAMES = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -30,6 +39,7 @@ NUISANCE_FACTORS = ("background", "skin", "hair", "glasses", "position", "scale"
                     "rotation", "lighting", "noise")
 SPLITS = {"train": 0, "test": 1}
 DEFAULT_CONFOUND_STRENGTH = 0.8
+_CONFOUND_STREAM = 5  # the generator of the confound draws: (seed, split, 5)
 
 # Expression parameters per class: brow_h (raise), brow_a (inner end raised + / lowered -),
 # eye_o (openness), mouth_c (smile + / frown -), mouth_o (open), mouth_w (width),
@@ -48,14 +58,6 @@ _PROTOTYPES = np.array([
 _JITTER = np.array([0.22, 0.22, 0.13, 0.22, 0.10, 0.10, 0.15, 0.20])
 _NEUTRAL = _PROTOTYPES[6]
 
-_SKIN = np.array([(1.00, 0.87, 0.77), (0.96, 0.78, 0.64), (0.86, 0.65, 0.48),
-                  (0.68, 0.47, 0.33), (0.47, 0.31, 0.21), (0.32, 0.21, 0.15)], np.float32)
-_HAIR = np.array([(0.08, 0.07, 0.07), (0.32, 0.19, 0.10), (0.86, 0.72, 0.42),
-                  (0.62, 0.26, 0.10), (0.66, 0.66, 0.68)], np.float32)
-_IRIS = np.array([(0.35, 0.20, 0.10), (0.25, 0.45, 0.75), (0.30, 0.55, 0.30),
-                  (0.15, 0.10, 0.08)], np.float32)
-_BATCH = 32  # fixed render batch: pixel noise is keyed by batch number, so keep it constant
-
 
 def _field(cfg: Any, name: str, default: Any = ...) -> Any:
   """Reads cfg[name] from a ConfigDict, dict or object; DataError if required and missing."""
@@ -70,27 +72,72 @@ def _field(cfg: Any, name: str, default: Any = ...) -> Any:
   return default
 
 
-def _confound_u(rng: np.random.Generator, labels: np.ndarray, confounded: bool,
-                strength: float) -> np.ndarray:
-  """A nuisance's driving variable in [0, 1): its 7-bin code equals the class w.p. ~strength."""
-  u = rng.random(labels.shape[0])
-  if confounded:
-    hit = rng.random(labels.shape[0]) < strength
-    u = np.where(hit, (labels + rng.uniform(0.1, 0.9, labels.shape[0])) / NUM_CLASSES, u)
-  return u
+def _strength(value: Any, where: str) -> float:
+  try:
+    p = float(value)
+  except (TypeError, ValueError):
+    raise DataError(f"data.synthetic: confound strength of {where} must be a number in "
+                    f"[0, 1], got {value!r}") from None
+  if not 0.0 <= p <= 1.0:
+    raise DataError(f"data.synthetic: confound strength of {where} must be in [0, 1], got {p}")
+  return p
 
 
-def confound_code(u: np.ndarray) -> np.ndarray:
-  """The class a nuisance's driving variable points to (equals the label where confounded)."""
-  return np.minimum((np.asarray(u) * NUM_CLASSES).astype(np.int64), NUM_CLASSES - 1)
+def parse_confound(confound: Any, default_strength: float = DEFAULT_CONFOUND_STRENGTH
+                   ) -> dict[str, float]:
+  """{nuisance: p} from the config's ``confound`` field.
+
+  Accepts a mapping {name: p}, a sequence of "name" / "name:p" entries, or one
+  comma-separated string of them (command-line flags); a bare name takes
+  ``default_strength``. Entries with p = 0 are dropped (independent, as if unlisted).
+  """
+  default = _strength(default_strength, "confound_strength")
+  if not confound:
+    return {}
+  if isinstance(confound, Mapping):
+    items = [(str(k), v) for k, v in confound.items()]
+  else:
+    entries = confound.split(",") if isinstance(confound, str) else list(confound)
+    items = []
+    for e in entries:
+      name, _, p = str(e).strip().partition(":")
+      if name.strip():
+        items.append((name.strip(), p.strip() if p.strip() else default))
+  out: dict[str, float] = {}
+  for name, p in items:
+    if name not in NUISANCE_FACTORS:
+      raise DataError(f"data.synthetic: unknown confound {name!r}; choose from {NUISANCE_FACTORS}")
+    if name in out:
+      raise DataError(f"data.synthetic: confound {name!r} is listed twice")
+    out[name] = _strength(p, repr(name))
+  return {k: v for k, v in out.items() if v > 0.0}
+
+
+def _confound_u(u: np.ndarray, labels: np.ndarray, strength: float,
+                crng: np.random.Generator) -> np.ndarray:
+  """A nuisance's driving variable: in the label's 7-bin w.p. ``strength``, else ``u``.
+
+  Always draws the same numbers from ``crng`` (whatever the strength), so every p
+  confounds a nested set of the same faces.
+  """
+  n = labels.shape[0]
+  hit = crng.random(n) < strength
+  inside = crng.uniform(0.1, 0.9, n)
+  return np.where(hit, (labels + inside) / NUM_CLASSES, u)
 
 
 def sample_factors(labels: np.ndarray, rng: np.random.Generator,
-                   confound: Sequence[str] = (),
-                   strength: float = DEFAULT_CONFOUND_STRENGTH) -> dict[str, np.ndarray]:
-  """All per-image drawing parameters (expression from the class, nuisances free or confounded)."""
+                   confound: Any = (), strength: float = DEFAULT_CONFOUND_STRENGTH,
+                   confound_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """All per-image drawing parameters (expression from the class, nuisances free or confounded).
+
+  ``confound``: see ``parse_confound`` (``strength`` is the default p of bare names).
+  ``confound_rng`` draws the confounds (default: a child of ``rng``'s seed), so the
+  other factors never depend on the confound.
+  """
   labels = np.asarray(labels, np.int64)
   n = labels.shape[0]
+  strengths = parse_confound(confound, strength)
   out: dict[str, np.ndarray] = {"label": labels}
   intensity = rng.uniform(0.6, 1.15, n)
   expr = (_NEUTRAL + intensity[:, None] * (_PROTOTYPES[labels] - _NEUTRAL)
@@ -109,9 +156,15 @@ def sample_factors(labels: np.ndarray, rng: np.random.Generator,
   out["brow_th"] = rng.uniform(0.035, 0.055, n)
   out["mouth_y"] = rng.uniform(0.47, 0.55, n)
   out["face_a"] = rng.uniform(0.74, 0.86, n)
-  out["iris"] = rng.integers(0, len(_IRIS), n)
+  out["iris"] = rng.integers(0, NUM_IRIS, n)
 
-  us = {f: _confound_u(rng, labels, f in confound, strength) for f in NUISANCE_FACTORS}
+  us = {f: rng.random(n) for f in NUISANCE_FACTORS}
+  if strengths:
+    crng = confound_rng
+    if crng is None:  # a child of rng's seed: rng's own stream does not move
+      crng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
+    for f in NUISANCE_FACTORS:  # fixed draw order: each nuisance's draws never move
+      us[f] = _confound_u(us[f], labels, strengths.get(f, 0.0), crng)
   for f, u in us.items():
     out[f + "_u"] = u
   # background: hue from u; kind 0 solid, 1 gradient, 2 stripes, 3 texture
@@ -138,365 +191,6 @@ def sample_factors(labels: np.ndarray, rng: np.random.Generator,
   return out
 
 
-def _hsv_to_rgb(h, s, v) -> np.ndarray:
-  """Vectorised HSV -> RGB, all in [0, 1]; returns (..., 3)."""
-  h = np.asarray(h, np.float32) % 1.0
-  i = np.floor(h * 6).astype(np.int64) % 6
-  f = h * 6 - np.floor(h * 6)
-  p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-  table = np.stack([np.stack(c, -1) for c in
-                    [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 0)
-  return np.take_along_axis(table, i[None, ..., None], 0)[0].astype(np.float32)
-
-
-def _palette(colours: np.ndarray, u: np.ndarray) -> np.ndarray:
-  """Linear interpolation along a palette, u in [0, 1]."""
-  x = np.clip(u, 0, 1) * (len(colours) - 1)
-  i = np.minimum(x.astype(np.int64), len(colours) - 2)
-  w = (x - i)[:, None].astype(np.float32)
-  return colours[i] * (1 - w) + colours[i + 1] * w
-
-
-def _aa(d, k):
-  """Anti-aliased coverage of d < 0 (d in face units, k pixels per unit); overwrites d."""
-  d *= -k
-  d += 0.5
-  return np.clip(d, 0.0, 1.0, out=d)
-
-
-def _ellipse(x, y, a, b):
-  """Approximate signed distance to an axis-aligned ellipse (good near its edge, even if thin)."""
-  ia, ib = 1.0 / a, 1.0 / b
-  xa, yb = x * ia, y * ib
-  g = xa * xa + yb * yb - 1.0
-  xa *= ia
-  yb *= ib
-  grad = np.sqrt(xa * xa + yb * yb)
-  grad *= 2.0
-  grad += 1e-6
-  g /= grad
-  return g
-
-
-def _round(x, y, a, b):
-  """Cheaper signed distance for roundish ellipses (exact along the shorter axis)."""
-  xa = x * (1.0 / a)
-  xa *= xa
-  yb = y * (1.0 / b)
-  yb *= yb
-  xa += yb
-  np.sqrt(xa, out=xa)
-  xa -= 1.0
-  xa *= np.minimum(a, b)
-  return xa
-
-
-def _capsule(x, y, ax, ay, bx, by, th, arch=0.0):
-  """Distance to a thick segment A-B (optionally bowed upwards by ``arch`` mid-way)."""
-  dx, dy = bx - ax, by - ay
-  inv = 1.0 / (dx * dx + dy * dy + 1e-9)
-  px, py = x - ax, y - ay
-  t = px * (dx * inv) + py * (dy * inv)
-  np.clip(t, 0.0, 1.0, out=t)
-  px -= t * dx
-  py -= t * dy
-  if np.any(arch):
-    py += (arch * 4.0) * t * (1.0 - t)
-  px *= px
-  py *= py
-  px += py
-  np.sqrt(px, out=px)
-  px -= th
-  return px
-
-
-def _blend(img, alpha, colour):
-  """Alpha-composites a colour (3,B,1,1 or 3,B,H,W) over a planar img (3,B,H,W) in place."""
-  tmp = colour - img
-  tmp *= alpha
-  img += tmp
-
-
-def _rgb(c) -> np.ndarray:
-  """A constant colour as (3, 1, 1, 1) for planar images."""
-  return np.asarray(c, np.float32).reshape(3, 1, 1, 1)
-
-
-def _planar(c: np.ndarray) -> np.ndarray:
-  """Per-image colours (B, 3) as (3, B, 1, 1)."""
-  return np.ascontiguousarray(np.asarray(c, np.float32).T)[:, :, None, None]
-
-
-class _Batch:
-  """Per-batch geometry: face frames, and the pixel windows and patches that features need."""
-
-  def __init__(self, f: dict[str, np.ndarray], size: int):
-    self.s = size
-    col = lambda k: np.asarray(f[k], np.float32)[:, None, None]
-    self.p = {k: col(k) for k in f if np.ndim(f[k]) == 1}
-    self.cos, self.sin = np.cos(self.p["angle"]), np.sin(self.p["angle"])
-    self.k = self.p["radius"] * size  # pixels per face unit
-    self.inv_rs = 1.0 / self.k       # face units per pixel
-
-  def frame(self, xs, ys, sel=slice(None)):
-    """Face coordinates (u right, v down, face radius 1) of pixel indices xs (B,1,W), ys (B,H,1)."""
-    p = self.p
-    dx = xs + 0.5 - p["cx"][sel] * self.s
-    dy = ys + 0.5 - p["cy"][sel] * self.s
-    ci, si = self.cos[sel] * self.inv_rs[sel], self.sin[sel] * self.inv_rs[sel]
-    u = ci * dx + si * dy
-    v = ci * dy - si * dx
-    return u, v
-
-  def _corners(self, u0, u1, v0, v1, sel):
-    p, c, s = self.p, self.cos[sel, 0, 0], self.sin[sel, 0, 0]
-    cu = np.array([u0, u1, u0, u1], np.float32)[None]
-    cv = np.array([v0, v0, v1, v1], np.float32)[None]
-    r = p["radius"][sel, 0, 0, None]
-    x = (p["cx"][sel, 0, 0, None] + r * (c[:, None] * cu - s[:, None] * cv)) * self.s
-    y = (p["cy"][sel, 0, 0, None] + r * (s[:, None] * cu + c[:, None] * cv)) * self.s
-    return x, y
-
-  def window(self, u0, u1, v0, v1, sel=slice(None)):
-    """Row and column slices covering the face-frame box [u0,u1]x[v0,v1] in every image."""
-    x, y = self._corners(u0, u1, v0, v1, sel)
-    clip = lambda a: int(min(max(a, 0), self.s))
-    ys = slice(clip(math.floor(y.min()) - 1), clip(math.ceil(y.max()) + 1))
-    xs = slice(clip(math.floor(x.min()) - 1), clip(math.ceil(x.max()) + 1))
-    return ys, xs
-
-  def patch(self, u0, u1, v0, v1):
-    """Per-image pixel rows (B,PH) and cols (B,PW) of a rectangle covering a face-frame box."""
-    x, y = self._corners(u0, u1, v0, v1, slice(None))
-    ph = min(self.s, int(math.ceil((y.max(1) - y.min(1)).max())) + 3)
-    pw = min(self.s, int(math.ceil((x.max(1) - x.min(1)).max())) + 3)
-    y0 = np.clip(np.floor(y.min(1)).astype(np.int64) - 1, 0, self.s - ph)
-    x0 = np.clip(np.floor(x.min(1)).astype(np.int64) - 1, 0, self.s - pw)
-    return y0[:, None] + np.arange(ph), x0[:, None] + np.arange(pw)
-
-
-def _gather(img, rows, cols):
-  """Patches (3,B,PH,PW) of a planar image and their flat indices, to write them back."""
-  b, s = img.shape[1], img.shape[2]
-  flat = ((np.arange(b)[:, None, None] * s + rows[:, :, None]) * s + cols[:, None, :])
-  return flat, np.take(img.reshape(3, -1), flat, axis=1)
-
-
-def _draw_background(bt: _Batch, f) -> np.ndarray:
-  """Solid, linear gradient, stripes or texture, from separable terms (cheap per pixel)."""
-  p, s = bt.p, bt.s
-  base = _planar(_hsv_to_rgb(f["background_u"], f["bg_sat"], f["bg_val"]))
-  g = (np.arange(s, dtype=np.float32) + 0.5) / s - 0.5
-  xs, ys = g[None, None, :], g[None, :, None]
-  ca, sa = np.cos(p["bg_angle"]), np.sin(p["bg_angle"])
-  kind = p["bg_kind"]
-  w = p["bg_freq"] * np.float32(2 * np.pi)
-  grad, stripe, tex = ((kind == c) * np.float32(a) for c, a in ((1, 0.6), (2, 0.12), (3, 0.1)))
-  # sin(w (x ca + y sa) + phase) = sin(a) cos(b) + cos(a) sin(b): (B,1,S) x (B,S,1) products
-  ax, by = w * ca * xs, w * sa * ys + p["bg_phase"]
-  m = (1.0 + grad * ca * xs) + grad * sa * ys
-  m += (stripe * np.sin(ax)) * np.cos(by)
-  m += (stripe * np.cos(ax)) * np.sin(by)
-  m += (tex * np.sin(3.1 * w * xs + p["bg_phase"])) * np.sin(2.3 * w * ys)
-  m += (tex * np.cos(1.3 * w * xs)) * np.cos(1.7 * w * ys + p["bg_phase"])
-  img = base * m
-  assert img.dtype == np.float32, img.dtype
-  return img
-
-
-def _draw_head(img, bt: _Batch, f, skin, hair):
-  """Long hair at the back, neck, shoulders, face with ears, hair on top (on image windows)."""
-  p, s = bt.p, bt.s
-  ar = np.arange(s, dtype=np.float32)
-  u, v = bt.frame(ar[None, None, :], ar[None, :, None])
-  style = p["hair_style"][:, 0, 0]
-  fa = p["face_a"]
-
-  def region(box, sel=slice(None)):
-    ys, xs = bt.window(*box, sel=sel)
-    if isinstance(sel, slice):
-      return img[:, :, ys, xs], u[:, ys, xs], v[:, ys, xs], (ys, xs)
-    return img[:, sel, ys, xs], u[sel, ys, xs], v[sel, ys, xs], (ys, xs)
-
-  long = np.flatnonzero(style == 1)
-  if long.size:
-    sub, uu, vv, (ys, xs) = region((-1.0, 1.0, -1.17, float(p["hair_len"].max())), long)
-    d = np.maximum(np.abs(uu) - 0.98, np.maximum(vv - p["hair_len"][long], -vv))
-    d = np.minimum(_round(uu, vv + 0.05, 1.0, 1.12), d)
-    _blend(sub, _aa(d, bt.k[long]), hair[:, long] * 0.85)
-    img[:, long, ys, xs] = sub
-  view, uu, vv, _ = region((-0.3, 0.3, 0.3, 1.6))
-  d = np.maximum(np.abs(uu) - 0.3, np.maximum(0.3 - vv, vv - 1.6))
-  _blend(view, _aa(d, bt.k), skin * 0.78)
-  clothes = _planar(_hsv_to_rgb(f["clothes_h"], np.full_like(f["clothes_h"], 0.5), f["clothes_v"]))
-  view, uu, vv, _ = region((-1.9, 1.9, 1.27, 2.97))
-  _blend(view, _aa(_round(uu, vv - 2.12, 1.9, 0.85), bt.k), clothes)
-  # face (narrower jaw) and ears as one shape, shaded darker towards its rim
-  view, uu, vv, _ = region((-0.97, 0.97, -1.0, 1.0))
-  ue = uu * (1.0 + 0.2 * np.maximum(vv, 0.0))
-  d = np.minimum(_round(ue, vv, fa, 1.0), _round(np.abs(uu) - 0.975 * fa, vv - 0.05, 0.13, 0.2))
-  ue *= 1.0 / fa
-  ue *= ue
-  ue += vv * vv
-  ue *= ue
-  shade = np.clip(1.0 - 0.2 * ue, 0.7, 1.0)
-  _blend(view, _aa(d, bt.k), skin * shade)
-  bun = style == 2
-  top = -1.45 if bun.any() else -1.17
-  view, uu, vv, _ = region((-0.97, 0.97, top, 0.0))
-  d = np.maximum(_round(uu, vv + 0.06, fa + 0.1, 1.1),
-                 vv - p["hairline"] - 0.45 * (uu * (1.0 / fa)) ** 2)
-  if bun.any():
-    d_bun = np.sqrt(uu * uu + (vv + 1.1) ** 2) - 0.32 + np.float32(10.0) * (~bun)[:, None, None]
-    d = np.minimum(d, d_bun)
-  _blend(view, _aa(d, bt.k), hair)
-
-
-def _draw_eye_side(img, bt: _Batch, side: float, skin, hair, iris):
-  """Eye, brow and glasses of one side, on a patch (side -1 = image left, +1 = right)."""
-  p, k = bt.p, bt.k
-  u0, u1 = (-0.86, 0.02) if side < 0 else (-0.02, 0.86)
-  rows, cols = bt.patch(u0, u1, -0.72, 0.12)
-  flat, pim = _gather(img, rows, cols)
-  u, v = bt.frame(cols[:, None, :].astype(np.float32), rows[:, :, None].astype(np.float32))
-  eu = u * side if side > 0 else -u
-  mine = (eu > 0).astype(np.float32)  # each patch draws its own half only: no double blending
-  ey = -0.08
-  dark = _rgb([0.12, 0.08, 0.07])
-  # eye white, iris, pupil, catch-light, lid line
-  eh = np.maximum(0.09 * p["eye_o"], 0.004)
-  d_eye = _ellipse(eu - 0.33, v - ey, 0.15, eh)
-  a_eye = _aa(d_eye.copy(), k)
-  a_eye *= mine
-  _blend(pim, a_eye, _rgb([0.96, 0.96, 0.93]))
-  iu, iv = eu - (0.33 + side * p["gaze_x"]), v - (ey + p["gaze_y"])
-  ri = np.sqrt(iu * iu + iv * iv)
-  _blend(pim, _aa(ri - 0.072, k) * a_eye, iris)
-  _blend(pim, _aa(ri - 0.032, k) * a_eye, dark)
-  iu += 0.02
-  iv += 0.022
-  _blend(pim, _aa(np.sqrt(iu * iu + iv * iv) - 0.016, k) * a_eye, _rgb([1.0, 1.0, 1.0]))
-  lw = np.maximum(0.014, 0.55 / k)
-  np.abs(d_eye, out=d_eye)
-  d_eye -= lw * np.where(v < ey, 1.8, 1.0)
-  _blend(pim, _aa(d_eye, k) * mine, dark)
-  # brow: inner end at eu=0.15, outer at 0.52; brow_a > 0 lifts the inner end
-  by = -0.34 - 0.11 * p["brow_h"]
-  tilt = 0.075 * p["brow_a"]
-  d_brow = _capsule(eu, v, 0.15, by - tilt, 0.52, by + tilt + 0.02, p["brow_th"], p["brow_arch"])
-  _blend(pim, _aa(d_brow, k) * mine, np.minimum(hair * 0.6 + 0.04, skin * 0.5))  # darker than skin
-  # glasses (only on the images that wear them): lens tint, rim, bridge, arm
-  g = np.flatnonzero(p["glasses"][:, 0, 0] > 0)
-  if g.size:
-    kg, eg, vg, mg = k[g], eu[g], v[g], mine[g]
-    sub = pim[:, g]
-    d_lens = _ellipse(eg - 0.33, vg - ey, 0.2, 0.16)
-    _blend(sub, _aa(d_lens.copy(), kg) * (mg * 0.15), _rgb([0.7, 0.85, 1.0]))
-    np.abs(d_lens, out=d_lens)
-    d_lens -= 0.022
-    d_rim = np.minimum(d_lens, _capsule(eg, vg, -0.01, ey - 0.05, 0.135, ey - 0.06, 0.018))
-    d_rim = np.minimum(d_rim, _capsule(eg, vg, 0.52, ey - 0.03, 0.82, ey - 0.05, 0.018))
-    _blend(sub, _aa(d_rim, kg) * mg, p["frame_v"][g] * _rgb([1.0, 0.9, 0.8]))
-    pim[:, g] = sub
-  img.reshape(3, -1)[:, flat] = pim
-
-
-def _draw_mouth_nose(img, bt: _Batch, skin):
-  """Nose, wrinkles and mouth on a patch."""
-  p, k = bt.p, bt.k
-  rows, cols = bt.patch(-0.39, 0.39, -0.05, 0.88)
-  flat, pim = _gather(img, rows, cols)
-  u, v = bt.frame(cols[:, None, :].astype(np.float32), rows[:, :, None].astype(np.float32))
-  au = np.abs(u)
-  # nose: ridge, base, and disgust/anger wrinkles
-  _blend(pim, _aa(_capsule(u, v, 0.0, -0.02, 0.03, 0.24, 0.02), k) * 0.3, skin * 0.6)
-  _blend(pim, _aa(_capsule(au, v, 0.0, 0.275, 0.075, 0.26, 0.02), k) * 0.55, skin * 0.55)
-  w = np.flatnonzero(p["wrinkle"][:, 0, 0] > 0.02)
-  if w.size:
-    aw, vw = au[w], v[w]
-    d_wr = np.minimum(_capsule(aw, vw, 0.05, -0.03, 0.13, 0.04, 0.012),
-                      _capsule(aw, vw, 0.06, 0.03, 0.13, 0.09, 0.012))
-    sub = pim[:, w]
-    _blend(sub, _aa(d_wr, k[w]) * (0.65 * p["wrinkle"][w]), skin[:, w] * 0.55)
-    pim[:, w] = sub
-  # mouth: centre line y(u), opening between y_up and y_lo
-  mw = 0.16 + 0.16 * p["mouth_w"]
-  x = u * (1.0 / mw)
-  x2 = x * x
-  yline = p["mouth_y"] - 0.11 * p["mouth_c"] * (x2 - 0.3) - 0.07 * p["mouth_s"] * x
-  g = (0.19 * p["mouth_o"]) * np.sqrt(np.clip(1.0 - x2, 0.0, 1.0))
-  y_up, y_lo = yline - 0.45 * g, yline + g
-  d_open = np.maximum(np.maximum(y_up - v, v - y_lo), au - mw)
-  lips = skin * 0.5 + _rgb([0.42, 0.12, 0.12])
-  lipw = np.maximum(0.028, 0.6 / k)
-  _blend(pim, _aa(d_open - lipw, k), lips)
-  a_in = _aa(d_open, k)
-  _blend(pim, a_in, _rgb([0.28, 0.05, 0.06]))
-  # teeth show in stretched open mouths (smile, fear), not in a round surprised O
-  teeth = np.minimum(0.05, 0.4 * (y_lo - y_up)) * np.clip((p["mouth_w"] - 0.6) * 3.0, 0.0, 1.0)
-  _blend(pim, a_in * _aa(v - y_up - teeth, k), _rgb([0.96, 0.95, 0.9]))
-  img.reshape(3, -1)[:, flat] = pim
-
-
-def _render_batch(f: dict[str, np.ndarray], s: int, noise_seed: Sequence[int]) -> np.ndarray:
-  """One batch of faces as uint8 (B, S, S, 3)."""
-  bt = _Batch(f, s)
-  skin, hair, iris = _planar(f["skin_rgb"]), _planar(f["hair_rgb"]), _planar(f["iris_rgb"])
-  img = _draw_background(bt, f)
-  _draw_head(img, bt, f, skin, hair)
-  for side in (-1.0, 1.0):
-    _draw_eye_side(img, bt, side, skin, hair, iris)
-  _draw_mouth_nose(img, bt, skin)
-  p = bt.p
-  g = (np.arange(s, dtype=np.float32) + 0.5) / s - 0.5
-  amp = p["gain"] * p["light_amp"] * 255.0
-  light = (p["gain"] * 255.0 + amp * np.cos(p["light_dir"]) * g[None, None, :]) \
-      + amp * np.sin(p["light_dir"]) * g[None, :, None]
-  img *= light
-  rng = np.random.default_rng(list(noise_seed))
-  noise = rng.standard_normal(img.shape[1:], dtype=np.float32)
-  noise *= p["noise_sd"] * 255.0
-  noise += 0.5
-  img += noise
-  np.clip(img, 0.0, 255.0, out=img)
-  return img.transpose(1, 2, 3, 0).astype(np.uint8)
-
-
-def render_faces(factors: dict[str, np.ndarray], image_size: int, noise_seed: Sequence[int],
-                 batch: int = _BATCH, threads: int | None = None) -> np.ndarray:
-  """Draws the faces described by ``factors`` as uint8 (N, S, S, 3) RGB.
-
-  Batches are independent (pixel noise is keyed by ``noise_seed`` and the batch number), so
-  they render on a few threads: numpy releases the GIL inside its loops.
-  """
-  n = len(factors["cx"])
-  s = int(image_size)
-  out = np.empty((n, s, s, 3), np.uint8)
-  hair_k = confound_code(factors["hair_u"])
-  extra = {
-      "hair_style": (hair_k % 3).astype(np.float64),
-      "glasses": factors["glasses"].astype(np.float64),
-      "skin_rgb": _palette(_SKIN, factors["skin_u"]),
-      "hair_rgb": _HAIR[hair_k % len(_HAIR)],
-      "iris_rgb": _IRIS[factors["iris"]],
-  }
-  starts = list(range(0, n, batch))
-
-  def work(bi: int) -> None:
-    sl = slice(starts[bi], min(n, starts[bi] + batch))
-    f = {key: val[sl] for key, val in factors.items()}
-    f.update({key: val[sl] for key, val in extra.items()})
-    out[sl] = _render_batch(f, s, (*noise_seed, bi))
-
-  threads = min(4, os.cpu_count() or 1) if threads is None else threads
-  if threads <= 1 or len(starts) == 1:
-    for bi in range(len(starts)):
-      work(bi)
-  else:
-    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
-      list(ex.map(work, range(len(starts))))
-  return out
-
 
 def _split_labels(n: int, rng: np.random.Generator) -> np.ndarray:
   """Balanced classes (counts differ by at most one), shuffled."""
@@ -515,7 +209,8 @@ def _noisy(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.
 def make_synthetic_split(cfg: Any, split: str) -> InMemorySource:
   """The synthetic split ('train' | 'test'), generated deterministically from cfg.seed.
 
-  Confounds and label noise apply to the train split only, so the test split measures
+  Confounds (``confound``, ``confound_strength``: see the module docstring) and
+  label noise apply to the train split only, so the test split measures
   the expression alone against clean labels. ``source.factors`` holds every drawing
   parameter (``label`` is the drawn, true class; ``source.labels`` the noisy one).
   """
@@ -524,34 +219,30 @@ def make_synthetic_split(cfg: Any, split: str) -> InMemorySource:
   n = int(_field(cfg, "num_train" if split == "train" else "num_test"))
   size = int(_field(cfg, "image_size"))
   seed = int(_field(cfg, "seed"))
-  confound = _field(cfg, "confound", ()) or ()
-  if isinstance(confound, str):
-    confound = [c.strip() for c in confound.split(",") if c.strip()]
-  confound = tuple(confound)
   noise = float(_field(cfg, "label_noise", 0.0) or 0.0)
-  strength = float(_field(cfg, "confound_strength", DEFAULT_CONFOUND_STRENGTH))
+  strengths = parse_confound(_field(cfg, "confound", ()) or (),
+                             _field(cfg, "confound_strength", DEFAULT_CONFOUND_STRENGTH))
   if n < 1:
     raise DataError(f"data.synthetic: num_{split} must be >= 1, got {n}")
   if size < 16:
     raise DataError(f"data.synthetic: image_size must be >= 16, got {size}")
   if seed < 0:
     raise DataError(f"data.synthetic: seed must be >= 0, got {seed}")
-  bad = [c for c in confound if c not in NUISANCE_FACTORS]
-  if bad:
-    raise DataError(f"data.synthetic: unknown confound {bad[0]!r}; choose from {NUISANCE_FACTORS}")
   if not 0.0 <= noise <= 1.0:
     raise DataError(f"data.synthetic: label_noise must be in [0, 1], got {noise}")
-  if not 0.0 <= strength <= 1.0:
-    raise DataError(f"data.synthetic: confound_strength must be in [0, 1], got {strength}")
   train = split == "train"
   rng = np.random.default_rng([seed, SPLITS[split]])
   true = _split_labels(n, rng)
-  factors = sample_factors(true, rng, confound if train else (), strength)
+  strengths = strengths if train else {}
+  factors = sample_factors(true, rng, strengths,
+                           confound_rng=np.random.default_rng([seed, SPLITS[split],
+                                                               _CONFOUND_STREAM]))
   labels = _noisy(true, noise, rng) if train and noise > 0 else true
   images = render_faces(factors, size, noise_seed=(seed, SPLITS[split], 7))
   src = InMemorySource(labels=labels, class_names=CLASS_NAMES, name=f"synthetic/{split}",
                        images=images)
   src.factors = factors
+  src.confound = strengths  # {nuisance: p} this split was drawn with
   return src
 
 
@@ -613,15 +304,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--image_size", type=int, default=112)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--split", default="train", choices=sorted(SPLITS))
-  ap.add_argument("--confound", default="", help="comma-separated nuisance factors")
+  ap.add_argument("--confound", default="",
+                  help="comma-separated nuisances, each with an optional p: "
+                       "background:0.95,glasses")
+  ap.add_argument("--confound_strength", type=float, default=DEFAULT_CONFOUND_STRENGTH,
+                  help="p of the nuisances listed without one")
   ap.add_argument("--label_noise", type=float, default=0.0)
   ap.add_argument("--per_class", type=int, default=8)
   ap.add_argument("--scale", type=int, default=1)
   a = ap.parse_args(argv)
   cfg = dict(num_train=a.num, num_test=a.num, image_size=a.image_size, seed=a.seed,
-             confound=[c for c in a.confound.split(",") if c], label_noise=a.label_noise)
+             confound=a.confound, confound_strength=a.confound_strength,
+             label_noise=a.label_noise)
   t0 = time.perf_counter()
-  src = make_synthetic_split(cfg, a.split)
+  try:
+    src = make_synthetic_split(cfg, a.split)
+  except DataError as e:
+    ap.exit(2, f"error: {e}\n")
   dt = time.perf_counter() - t0
   print(f"{src.summary()}\ngenerated {a.num} images at {a.image_size}px in {dt:.2f} s "
         f"({a.num / dt:.0f} images/s)")

@@ -324,21 +324,30 @@ _JITTER = (0.2, 0.2, 0.2, 0.1)
 
 
 def recipe_augment(name: str, img_size: int = 224) -> dict[str, Any]:
-  """The augment dict of a recipe in DATA_AND_TRAINING.md (sizes scaled to img_size).
+  """The augment dict of a released training script (sizes scaled to img_size).
 
-  'ferplus' resizes to 232 (the released code; the paper says 234) before the
-  224 crop. Resize sizes are given for 224 and scaled by img_size / 224.
+  The transforms differ per script, not only per data set (docs/DATA_AND_TRAINING.md,
+  tests/fixtures/released_recipes.json): 'rafdb' = both RAF-DB scripts, 'ferplus'
+  = main_QCS_ferplus.py (resize 232), 'ferplus_dcs' = main_DCS_ferplus.py (resize
+  234), 'affectnet' = both AffectNet-7 scripts and main_QCS_affectnet-8.py,
+  'affectnet8_dcs' = main_DCS_affectnet-8.py (resize 224, h-flip and erasing
+  only). Resize sizes are given for 224 and scaled by img_size / 224.
   """
   def px(n: int) -> int:
     return int(round(n * img_size / 224))
 
+  def square_crop(resize: int, rotate: float, erase_lo: float) -> dict[str, Any]:
+    return dict(resize=px(resize), rotate=rotate, crop=True, hflip=True, jitter=_JITTER,
+                erase_scale=(erase_lo, 0.1), erase_p=0.5)
+
   recipes = {
       "rafdb": dict(resize=0, rotate=0.0, crop=False, hflip=True, jitter=_JITTER,
                     erase_scale=(0.02, 0.1), erase_p=0.5),
-      "ferplus": dict(resize=px(232), rotate=10.0, crop=True, hflip=True, jitter=_JITTER,
-                      erase_scale=(0.02, 0.1), erase_p=0.5),
-      "affectnet": dict(resize=px(236), rotate=12.0, crop=True, hflip=True, jitter=_JITTER,
-                        erase_scale=(0.03, 0.1), erase_p=0.5),
+      "ferplus": square_crop(232, 10.0, 0.02),
+      "ferplus_dcs": square_crop(234, 10.0, 0.02),
+      "affectnet": square_crop(236, 12.0, 0.03),
+      "affectnet8_dcs": dict(resize=0, rotate=0.0, crop=False, hflip=True, jitter=(),
+                             erase_scale=(0.02, 0.1), erase_p=0.5),
       "synthetic": dict(resize=0, rotate=0.0, crop=False, hflip=True,
                         jitter=(0.1, 0.1, 0.1, 0.0), erase_scale=(0.02, 0.06), erase_p=0.5),
   }

@@ -1,7 +1,7 @@
 """PyTorch checkpoints (IR50 ir50.pth, QCS/DCS training files) -> Flax variables.
 
 Maps the authors' key names onto the Flax tree of qcs_jax.models and checks
-every shape against the target model config. See CONVERTER.md. The files are
+every shape against the target model config. See docs/CONVERTER.md. The files are
 read by qcs_jax.torch_pickle (without executing code from them); its
 `load_torch_file`, `read_torch_file_restricted`, `Inert` and `ConversionError`
 are re-exported here.
@@ -74,7 +74,7 @@ def _transform(path: Path, expected: tuple[int, ...]) -> tuple[str, Any]:
   if leaf == 'kernel' and len(expected) == 2:
     return 'dense', expected[::-1]
   if leaf == 'theta' and expected == ():
-    return 'scalar', (1,)
+    return 'scalar', ()  # the released files hold a 0-d tensor; (1,) is accepted too
   return 'copy', expected
 
 
@@ -88,7 +88,7 @@ def _apply(kind: str, a: np.ndarray) -> np.ndarray:
   return a
 
 
-# Keys the reference holds but never uses (ARCHITECTURE.md sections 1 and 3).
+# Keys the reference holds but never uses (docs/ARCHITECTURE.md sections 1 and 3).
 KNOWN_UNUSED = (
     (r'(^|\.)num_batches_tracked$', 'BatchNorm num_batches_tracked'),
     (r'^ir_back\.output_layer\.', 'IR50 output_layer (never used)'),
@@ -97,6 +97,8 @@ KNOWN_UNUSED = (
     (r'^VIT_(base|cross)\.IRLinear[12]\.', 'ViT IRLinear1/2 (unused)'),
     (r'^VIT_(base|cross)\.eca_block\.', 'ViT eca_block (unused)'),
     (r'^VIT_(base|cross)\.patch_embed\.', 'ViT patch_embed (unused)'),
+    (r'^fusion\.classifier\.', 'fusion.classifier of the DCS AffectNet-8 file '
+     '(built, never called by its forward)'),
 )
 _STAGE4 = 'IR50 units past the third stage (body.N, 4th stage: never used)'
 _NOT_BACKBONE = 'not part of the backbone (convert them with --full)'
@@ -244,7 +246,9 @@ def _convert(sd: dict[str, tuple[str, np.ndarray]],
                      f'{"/".join(path)})')
       continue
     orig, a = sd[key]
-    if tuple(a.shape) != tuple(torch_shape):
+    if kind == 'scalar' and a.size == 1 and a.ndim <= 1:
+      pass  # theta: torch.tensor(0.) (released files) or torch.zeros(1)
+    elif tuple(a.shape) != tuple(torch_shape):
       bad.append(f'{orig!r}: shape {tuple(a.shape)} in the checkpoint, the '
                  f'model config needs {tuple(torch_shape)} (Flax '
                  f'{"/".join(path)} {shape})')

@@ -1,4 +1,4 @@
-"""PyTorch reference of the QCS network (NCHW), written from ARCHITECTURE.md.
+"""PyTorch reference of the QCS network (NCHW), written from docs/ARCHITECTURE.md.
 
 Module names follow the authors' code so `state_dict()` keys are those of their
 checkpoints, including the layers their forward never uses (IR50
@@ -8,16 +8,13 @@ checkpoints, including the layers their forward never uses (IR50
 `ir_back` once per branch, as the reference does.
 
 Also here: helpers that give a model random weights and non-trivial BatchNorm
-running statistics, and writers of the three PyTorch file kinds of
-CONVERTER.md (ir50.pth in both key layouts, a DataParallel training checkpoint
-holding a `__main__.RecorderMeter_loss` object).
+running statistics. Writers of the PyTorch file kinds of docs/CONVERTER.md are in
+reference_files.py.
 """
 from __future__ import annotations
 
-import collections
-import re
 import math
-import sys
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,12 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The fields of config.model (ARCHITECTURE.md / team brief), paper size.
-FULL_CFG: dict[str, Any] = dict(
-    name='qcs', csa='sd', minmax='global', num_classes=7, img_size=224,
-    stage_channels=(64, 128, 256), stage_units=(3, 4, 14), embed_dim=768,
-    num_heads=8, mlp_ratio=4.0, base_depth=2, cross_depth=1, base_drop=0.0,
-    cross_drop=0.0, base_proj_drop=0.0, cross_proj_drop=0.0, dtype='float32')
+from qcs_jax.models.qcs import NUM_BRANCHES  # pylint: disable=unused-import
+from qcs_jax.models.shapes import DEFAULT_MODEL_CFG
+
+# The fields of config.model at paper size: the one source of model defaults.
+FULL_CFG: dict[str, Any] = dict(DEFAULT_MODEL_CFG)
 
 # A tiny model: 64x64 images -> 2x2 tokens per level (12 tokens). Units
 # (2, 1, 2) cover every unit kind: subsampling and identity shortcuts, conv
@@ -41,8 +37,6 @@ TINY_CFG: dict[str, Any] = dict(
 
 # XLA options for test-only jits: no LLVM optimisation, ~3x faster compiles.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-NUM_BRANCHES = {'baseline': 1, 'dcs': 2, 'qcs': 4}
 
 
 def make_cfg(base: dict[str, Any] | None = None, **overrides) -> dict[str, Any]:
@@ -207,7 +201,7 @@ class EcaBlock(nn.Module):
 
   def __init__(self):
     super().__init__()
-    self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+    self.conv = nn.Conv1d(1, 1, 5, padding=2, bias=False)  # [1, 1, 5] in the released files
 
 
 class VisionTransformer(nn.Module):
@@ -319,7 +313,7 @@ class CrossModule(nn.Module):
     self.norm2 = nn.LayerNorm(dim)
     self.mlp = CrossMlp(dim)
     if kind == 'qcs':
-      self.theta = nn.Parameter(torch.zeros(1))
+      self.theta = nn.Parameter(torch.tensor(0.))  # 0-d, as in the released files
     self.last_maps = None
 
   def forward(self, *xs):
@@ -470,7 +464,7 @@ def randomize_(model: nn.Module, seed: int = 0, calib_batch: int = 4) -> None:
       mod.cls_token.copy_(randn(mod.cls_token.shape, 0.5))
       mod.pos_embed.copy_(randn(mod.pos_embed.shape, 0.5))
     if isinstance(mod, CrossModule) and hasattr(mod, 'theta'):
-      mod.theta.copy_(randn((1,), 0.5))
+      mod.theta.copy_(randn((), 0.5))
   # The last BN of each residual branch scaled down, as in a trained ResNet.
   for mod in model.modules():
     if isinstance(mod, BottleneckIR):
@@ -542,98 +536,6 @@ def rel_err(ours, ref) -> float:
 
 # ----------------------------------------------------------------------------
 # Writers of the three PyTorch file kinds.
-
-
-def _stage_offsets(units: Sequence[int]) -> list[int]:
-  return [sum(units[:s]) for s in range(3)]
-
-
-def ir50_state_dict(backbone: Backbone, layout: str, stage_units: Sequence[int],
-                    stage4_units: int = 3, seed: int = 1
-                    ) -> collections.OrderedDict:
-  """The Ms-Celeb-1M ir50.pth key sets: 'split' (body1/2/3) or 'consecutive'.
-
-  The consecutive layout also holds a random 4th stage (c3 -> 2*c3, the
-  `body.21-23` units at paper size) that the converter must ignore.
-  """
-  sd = backbone.state_dict()
-  if layout == 'split':
-    return collections.OrderedDict((k, v.clone()) for k, v in sd.items())
-  if layout != 'consecutive':
-    raise ValueError(layout)
-  offsets = _stage_offsets(stage_units)
-  out = collections.OrderedDict()
-  for k, v in sd.items():
-    head, _, rest = k.partition('.')
-    if head in ('body1', 'body2', 'body3'):
-      idx, _, tail = rest.partition('.')
-      k = f'body.{offsets[int(head[-1]) - 1] + int(idx)}.{tail}'
-    out[k] = v.clone()
-  c3 = backbone.body3[0].res_layer[4].num_features
-  torch.manual_seed(seed)
-  stage4 = make_stage(c3, 2 * c3, stage4_units)
-  first = sum(stage_units)
-  for k, v in stage4.state_dict().items():
-    idx, _, tail = k.partition('.')
-    out[f'body.{first + int(idx)}.{tail}'] = v.clone()
-  return out
-
-
-def save_ir50(path, backbone: Backbone, layout: str,
-              stage_units: Sequence[int], legacy: bool = False) -> None:
-  torch.save(ir50_state_dict(backbone, layout, stage_units), str(path),
-             _use_new_zipfile_serialization=not legacy)
-
-
-class RecorderMeter_loss:  # pylint: disable=invalid-name
-  """Stand-in for the authors' training-script class (pickled as __main__)."""
-
-  def __init__(self, total_epoch: int):
-    self.total_epoch = total_epoch
-    self.current_epoch = 0
-    self.epoch_losses = np.zeros((total_epoch, 2), dtype=np.float32)
-    self.epoch_accuracy = np.zeros((total_epoch, 2), dtype=np.float32)
-
-
-def full_checkpoint(model: nn.Module, epoch: int = 7, best_acc: float = 91.5,
-                    embed_names: str = 'qkv') -> dict[str, Any]:
-  """A DataParallel training checkpoint as the authors' scripts save it."""
-  sd = collections.OrderedDict()
-  rename = {'embed_q.': 'embed_1.', 'embed_k.': 'embed_2.', 'embed_v.': 'embed_3.'}
-  for k, v in model.state_dict().items():
-    if embed_names == '123':
-      for old, new in rename.items():
-        if k.startswith(old):
-          k = new + k[len(old):]
-    sd['module.' + k] = v.clone()
-  recorder = RecorderMeter_loss(epoch + 3)
-  recorder.epoch_losses[:epoch] = np.linspace(1.5, 0.5, epoch * 2).reshape(-1, 2)
-  params = list(model.parameters())
-  optimizer = {
-      'state': {i: {'old_p': p.detach().clone()} for i, p in
-                enumerate(params[:3])},
-      'param_groups': [{'lr': 3e-6, 'rho': 0.05, 'adaptive': False,
-                        'params': list(range(len(params)))}],
-  }
-  return {'epoch': epoch, 'state_dict': sd, 'best_acc': np.float64(best_acc),
-          'optimizer': optimizer, 'recorder': recorder}
-
-
-def save_full_checkpoint(path, model: nn.Module, **kwargs) -> None:
-  """Writes full_checkpoint() so the pickle names `__main__.RecorderMeter_loss`."""
-  ckpt = full_checkpoint(model, **kwargs)
-  main = sys.modules['__main__']
-  had = hasattr(main, 'RecorderMeter_loss')
-  old_module = RecorderMeter_loss.__module__
-  RecorderMeter_loss.__module__ = '__main__'
-  if not had:
-    setattr(main, 'RecorderMeter_loss', RecorderMeter_loss)
-  try:
-    torch.save(ckpt, str(path))
-  finally:
-    RecorderMeter_loss.__module__ = old_module
-    if not had:
-      delattr(main, 'RecorderMeter_loss')
 
 
 def count_params(module: nn.Module, skip_patterns: Sequence[str] = ()) -> int:

@@ -1,20 +1,20 @@
 """Reads `torch.save` files (.pth) into numpy state dicts without running their code.
 
-Plain state dicts go through `torch.load(weights_only=True)` when torch is
-installed; full training checkpoints (whose pickles name classes of the
-authors' training script) and every file when torch is absent go through the
-restricted, torch-free unpickler here: tensors and storages become numpy
-arrays, any other class an inert placeholder. Both the zip format
-(torch >= 1.6) and the legacy format are read. See CONVERTER.md.
+Every file is first checked torch-free (`check_torch_file`): the pickle may only
+name the harmless set of `pickle_safety` (a refusal names the global, e.g.
+`posix.system (os.system)`), and zip entry sizes, storage sizes and tensor
+shapes must fit the file and `pickle_safety.LIMITS` -- before any tensor
+memory is allocated. Then plain state dicts go through
+`torch.load(weights_only=True)` when torch is installed; full training
+checkpoints (whose pickles name classes of the authors' `__main__` script)
+and every file when torch is absent go through the restricted unpickler:
+tensors become numpy arrays, script classes inert placeholders. Both the zip
+format (torch >= 1.6) and the legacy format are read. See docs/CONVERTER.md.
 """
 from __future__ import annotations
 
-import codecs
 import collections
-import functools
-import importlib
 import io
-import math
 import os
 import pickle
 import re
@@ -24,257 +24,133 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from qcs_jax.interop import pickle_safety as ps
+from qcs_jax.interop.pickle_safety import (  # pylint: disable=unused-import
+    ConversionError, Inert, UnsafePickleError)
+
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_MIB = 1 << 20
 
 
-class ConversionError(ValueError):
-  """A file or state dict that cannot be converted; nothing was written."""
+class _Bounded(io.RawIOBase):
+  """A file view that never reads past `end`: a pickle's length fields cannot size a read."""
+
+  def __init__(self, f, end: int):
+    super().__init__()
+    self._f, self._end, self._pos = f, end, f.tell()
+
+  def readable(self) -> bool:
+    return True
+
+  def _room(self, n: int | None) -> int:
+    left = max(0, self._end - self._pos)
+    return left if n is None or n < 0 else min(n, left)
+
+  def read(self, n: int = -1) -> bytes:
+    data = self._f.read(self._room(n))
+    self._pos += len(data)
+    return data
+
+  def readinto(self, b) -> int:
+    data = self.read(len(b))
+    b[:len(data)] = data
+    return len(data)
+
+  def readline(self, n: int = -1) -> bytes:
+    data = self._f.readline(self._room(n))
+    self._pos += len(data)
+    return data
+
+  def tell(self) -> int:
+    return self._pos
+
+  def seek(self, pos: int, whence: int = 0) -> int:
+    self._pos = self._f.seek(pos, whence)
+    return self._pos
 
 
-# ----------------------------------------------------------------------------
-# The restricted unpickler: storages, tensors and a few safe globals.
-
-_STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64,
-    'HalfStorage': np.float16, 'LongStorage': np.int64,
-    'IntStorage': np.int32, 'ShortStorage': np.int16, 'CharStorage': np.int8,
-    'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
-    'ComplexFloatStorage': np.complex64, 'ComplexDoubleStorage': np.complex128,
-}
-_TORCH_DTYPES = {
-    'float32': np.float32, 'float': np.float32, 'float64': np.float64,
-    'double': np.float64, 'float16': np.float16, 'half': np.float16,
-    'int64': np.int64, 'long': np.int64, 'int32': np.int32, 'int': np.int32,
-    'int16': np.int16, 'int8': np.int8, 'uint8': np.uint8, 'bool': np.bool_,
-}
-
-
-def _bfloat16():
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
-  return ml_dtypes.bfloat16
-
-
-class _StorageType:
-  """What a `torch.XStorage` global stands for: an element dtype."""
-
-  def __init__(self, name: str):
-    self.name = name
-
-  @property
-  def dtype(self):
-    if self.name == 'BFloat16Storage':
-      return np.dtype(_bfloat16())
-    if self.name not in _STORAGE_DTYPES:
-      raise ConversionError(f'unsupported tensor storage torch.{self.name}')
-    return np.dtype(_STORAGE_DTYPES[self.name])
+def _check_zip(zf: zipfile.ZipFile, path: str, limits: ps.Limits) -> str:
+  """Declared entry sizes against the limits (zip bombs); returns the data.pkl name."""
+  infos = zf.infolist()
+  if len(infos) > limits.max_zip_entries:
+    raise UnsafePickleError(f'{path}: {len(infos)} zip entries (limit '
+                            f'{limits.max_zip_entries})')
+  total = sum(i.file_size for i in infos)
+  if total > limits.max_total_bytes:
+    raise UnsafePickleError(
+        f'{path}: the zip entries declare {total} bytes uncompressed, over the '
+        f'{limits.max_total_bytes}-byte limit (a zip bomb?)')
+  for i in infos:
+    if i.file_size > _MIB and i.file_size > limits.max_zip_ratio * max(i.compress_size, 1):
+      raise UnsafePickleError(
+          f'{path}: entry {i.filename} expands {i.compress_size} -> {i.file_size} bytes, '
+          f'over the {limits.max_zip_ratio:g}x ratio limit (a zip bomb?)')
+  pkls = [i for i in infos if i.filename.endswith('data.pkl')]
+  if len(pkls) != 1:
+    raise ConversionError(f'{path}: a zip file but not a torch.save file (no data.pkl)')
+  if pkls[0].file_size > limits.max_pickle_bytes:
+    raise UnsafePickleError(f'{path}: {pkls[0].filename} is {pkls[0].file_size} bytes, over '
+                            f'the {limits.max_pickle_bytes}-byte limit')
+  return pkls[0].filename
 
 
-class Inert:
-  """Stands in for any class or function a restricted pickle names.
-
-  It records its arguments and state and does nothing else, so a checkpoint's
-  `__main__.RecorderMeter_loss` (or anything malicious) is never imported or run.
-  """
-  qualname = '?'
-
-  def __new__(cls, *args, **kwargs):
-    del args, kwargs
-    return object.__new__(cls)
-
-  def __init__(self, *args, **kwargs):
-    self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
-
-  def __setstate__(self, state):
-    self.state = state
-
-  def __setitem__(self, key, value):
-    self.items.append((key, value))
-
-  def append(self, value):
-    self.items.append(value)
-
-  def extend(self, values):
-    self.items.extend(values)
-
-  def __repr__(self):
-    return f'<inert {self.qualname}>'
-
-
-@functools.lru_cache(maxsize=None)
-def _inert_class(module: str, name: str) -> type:
-  return type(name, (Inert,), {'qualname': f'{module}.{name}'})
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  """torch._utils._rebuild_tensor(_v2) on a numpy storage."""
-  del unused
-  if storage is None:  # first pass of a legacy file: storages not read yet
-    return None
-  size, stride = tuple(size), tuple(stride)
-  if not size:
-    return np.array(storage[offset])
-  if math.prod(size) == 0:
-    return np.zeros(size, storage.dtype)
-  need = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
-  if need > storage.size:
-    raise ConversionError(
-        f'tensor of shape {size} reads past its storage ({storage.size} '
-        'elements): corrupt file')
-  item = storage.itemsize
-  return np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=[s * item for s in stride]).copy()
-
-
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks,
-                       dtype, *unused):
-  del dtype, requires_grad, hooks, unused
-  return _rebuild_tensor(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data, *unused):
-  del unused
-  return data
-
-
-def _reconstructor(cls, base, state):
-  """copyreg._reconstructor, allowed only for inert placeholders."""
-  del base, state
-  if isinstance(cls, type) and issubclass(cls, Inert):
-    return cls.__new__(cls)
-  raise ConversionError(f'refusing to reconstruct {cls!r}')
-
-
-_SAFE_BUILTINS = {'set', 'frozenset', 'tuple', 'list', 'dict', 'int', 'float',
-                  'complex', 'bool', 'str', 'bytes', 'bytearray', 'slice',
-                  'range'}
-
-
-def _allowed_global(module: str, name: str) -> Any:
-  """The few callables a restricted load may use; None for everything else."""
-  import builtins  # pylint: disable=import-outside-toplevel
-  if (module, name) == ('collections', 'OrderedDict'):
-    return collections.OrderedDict
-  if module == 'torch._utils':
-    return {'_rebuild_tensor': _rebuild_tensor,
-            '_rebuild_tensor_v2': _rebuild_tensor,
-            '_rebuild_tensor_v3': _rebuild_tensor_v3,
-            '_rebuild_parameter': _rebuild_parameter,
-            '_rebuild_parameter_with_state': _rebuild_parameter}.get(name)
-  if module == 'torch':
-    if name.endswith('Storage'):
-      return _StorageType(name)
-    if name == 'Size':
-      return tuple
-    if name == 'device':
-      return str
-    if name in _TORCH_DTYPES:
-      return np.dtype(_TORCH_DTYPES[name])
-    if name == 'bfloat16':
-      return np.dtype(_bfloat16())
-  if module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-    if name == '_reconstruct':
-      return _numpy_multiarray()._reconstruct  # pylint: disable=protected-access
-    if name == 'scalar':
-      return _numpy_scalar
-  if module == 'numpy' and name in ('ndarray', 'dtype'):
-    return getattr(np, name)
-  if module == 'numpy.dtypes' and name.endswith('DType'):
-    return getattr(np.dtypes, name, None)
-  if (module, name) == ('_codecs', 'encode'):
-    return codecs.encode
-  if (module, name) == ('copyreg', '_reconstructor'):
-    return _reconstructor
-  if module in ('builtins', '__builtin__') and name in _SAFE_BUILTINS:
-    return getattr(builtins, name)
-  return None
-
-
-def _numpy_multiarray():
-  try:
-    return importlib.import_module('numpy._core.multiarray')
-  except ImportError:  # numpy < 2
-    return importlib.import_module('numpy.core.multiarray')
-
-
-def _numpy_scalar(dtype, data=None):
-  if not isinstance(dtype, np.dtype) or dtype.hasobject:
-    raise ConversionError(f'refusing numpy scalar of dtype {dtype!r}')
-  return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Tensors, storages, OrderedDicts and numpy arrays; all else is Inert."""
-
-  def __init__(self, file, storage_loader):
-    super().__init__(file)
-    self._storage_loader = storage_loader
-    self.placeholders: set[str] = set()
-
-  def find_class(self, module, name):
-    obj = _allowed_global(module, name)
-    if obj is not None:
-      return obj
-    self.placeholders.add(f'{module}.{name}')
-    return _inert_class(module, name)
-
-  def persistent_load(self, pid):
-    if not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
-      raise ConversionError(f'unknown persistent id {pid!r}')
-    storage_type, key = pid[1], str(pid[2])
-    if not isinstance(storage_type, _StorageType):
-      raise ConversionError(f'unknown storage type {storage_type!r}')
-    view = pid[5] if len(pid) > 5 else None
-    return self._storage_loader(storage_type.dtype, key, view)
-
-
-def _unpickle(data: io.BufferedIOBase, storage_loader) -> tuple[Any, set[str]]:
-  up = _RestrictedUnpickler(data, storage_loader)
-  return up.load(), up.placeholders
-
-
-def _read_zip(path: str) -> tuple[Any, set[str]]:
+def _read_zip(path: str, dry: bool) -> tuple[Any, set[str]]:
   """The torch >= 1.6 zip format: <prefix>/data.pkl + <prefix>/data/<key>."""
   with zipfile.ZipFile(path) as zf:
-    pkls = [n for n in zf.namelist() if n.endswith('data.pkl')]
-    if len(pkls) != 1:
-      raise ConversionError(
-          f'{path}: a zip file but not a torch.save file (no data.pkl)')
-    prefix = pkls[0][:-len('data.pkl')]
+    pkl = _check_zip(zf, path, ps.LIMITS)
+    prefix = pkl[:-len('data.pkl')]
+    names = set(zf.namelist())
     order = '<'
-    if prefix + 'byteorder' in zf.namelist():
+    if prefix + 'byteorder' in names:
       order = '>' if zf.read(prefix + 'byteorder').strip() == b'big' else '<'
     cache: dict[str, np.ndarray] = {}
 
-    def load(dtype, key, view):
+    def load(dtype, key, numel, view):
+      name = f'{prefix}data/{key}'
+      if name not in names:
+        raise ConversionError(f'{path}: tensor storage {name} missing from the archive')
+      have = zf.getinfo(name).file_size // dtype.itemsize
+      if numel is not None and numel > have:
+        raise ConversionError(f'{path}: storage {key} declares {numel} elements but its '
+                              f'entry holds {have}: corrupt file')
+      if dry:
+        return _storage_view(ps.DryStorage(have, dtype), view)
       if key not in cache:
-        raw = zf.read(f'{prefix}data/{key}')
-        cache[key] = _from_bytes(raw, dtype, order)
+        cache[key] = _from_bytes(zf.read(name), dtype, order)
       return _storage_view(cache[key], view)
 
-    with zf.open(pkls[0]) as f:
-      return _unpickle(io.BytesIO(f.read()), load)
+    with zf.open(pkl) as f:
+      return ps.unpickle(io.BytesIO(f.read()), load)
 
 
 def _from_bytes(raw: bytes, dtype: np.dtype, order: str) -> np.ndarray:
   """A storage's raw bytes -> a native-order numpy array."""
   native = '<' if np.little_endian else '>'
+  usable = len(raw) - len(raw) % dtype.itemsize
   if order == native or dtype.itemsize == 1:
-    return np.frombuffer(raw, dtype).copy()
-  return np.frombuffer(raw, dtype.newbyteorder(order)).astype(dtype)
+    return np.frombuffer(raw[:usable], dtype).copy()
+  return np.frombuffer(raw[:usable], dtype.newbyteorder(order)).astype(dtype)
 
 
-def _storage_view(storage: np.ndarray, view) -> np.ndarray:
+def _storage_view(storage, view):
   if view is None:
     return storage
   _, offset, size = view
+  if isinstance(storage, ps.DryStorage):
+    if offset < 0 or size < 0 or offset + size > storage.size:
+      raise ConversionError(f'storage view {view!r} past its storage: corrupt file')
+    return ps.DryStorage(size, storage.dtype)
   return storage[offset:offset + size]
 
 
-def _read_legacy(path: str) -> tuple[Any, set[str]]:
+def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
   """The pre-1.6 format: magic, protocol, sys_info, object, keys, raw storages."""
-  with open(path, 'rb') as f:
+  end = os.path.getsize(path)
+  with open(path, 'rb') as raw_f:
+    f = _Bounded(raw_f, end)
+
     def read_meta():
-      obj, _ = _unpickle(f, lambda *a: None)
+      obj, _ = ps.unpickle(f, lambda *a: None)
       return obj
 
     if read_meta() != _LEGACY_MAGIC:
@@ -284,26 +160,60 @@ def _read_legacy(path: str) -> tuple[Any, set[str]]:
     little = not isinstance(sys_info, dict) or sys_info.get('little_endian', True)
     start = f.tell()
     # Pass 1 finds the end of the object pickle and the storages it names.
-    seen: dict[str, np.dtype] = {}
+    seen: dict[str, tuple[np.dtype, int | None]] = {}
 
-    def note(dtype, key, view):
-      del view
-      seen[key] = dtype
+    def note(dtype, key, numel, view):
+      seen[key] = (dtype, numel)
+      return _storage_view(ps.DryStorage(numel or 0, dtype), view)
 
-    _unpickle(f, note)
+    _, placeholders = ps.unpickle(f, note)
     keys = read_meta()
-    storages = {}
+    if not isinstance(keys, (list, tuple)):
+      raise ConversionError(f'{path}: corrupt storage key list')
+    storages, where, total = {}, {}, 0
     for key in keys:
+      key = str(key)
       (numel,) = struct.unpack('<q' if little else '>q', f.read(8))
-      dtype = seen[str(key)]
+      if key not in seen:
+        raise ConversionError(f'{path}: storage {key} is not named by the pickle')
+      dtype, declared = seen[key]
+      if declared is not None and declared > max(numel, 0):
+        raise ConversionError(f'{path}: storage {key} declares {declared} elements but the '
+                              f'file holds {numel}: corrupt file')
       nbytes = numel * dtype.itemsize
-      raw = f.read(nbytes)
-      if len(raw) != nbytes:
-        raise EOFError('storage data cut short')
-      storages[str(key)] = _from_bytes(raw, dtype, '<' if little else '>')
+      total += max(nbytes, 0)
+      if numel < 0 or nbytes > end - f.tell() or total > ps.LIMITS.max_total_bytes:
+        raise UnsafePickleError(
+            f'{path}: storage {key} declares {numel} elements ({nbytes} bytes) but '
+            f'{end - f.tell()} bytes are left in the file (limit '
+            f'{ps.LIMITS.max_total_bytes} in all)')
+      where[key] = (f.tell(), numel, dtype)
+      f.seek(nbytes, os.SEEK_CUR)
+    if dry:  # pass 1 checked the tensors against the declared sizes, just checked above
+      return None, placeholders
+    for key, (pos, numel, dtype) in where.items():
+      f.seek(pos)
+      storages[key] = _from_bytes(f.read(numel * dtype.itemsize), dtype,
+                                  '<' if little else '>')
     f.seek(start)
-    return _unpickle(f, lambda dtype, key, view: _storage_view(
-        storages[key], view))
+
+    def load(dtype, key, numel, view):
+      del dtype, numel
+      if key not in storages:
+        raise ConversionError(f'{path}: storage {key} missing from the file')
+      return _storage_view(storages[key], view)
+
+    return ps.unpickle(f, load)
+
+
+def check_torch_file(path: str | os.PathLike) -> set[str]:
+  """Checks a .pth file without torch and without reading tensor data.
+
+  Raises UnsafePickleError for a global outside the harmless set or a size
+  over the limits, ConversionError for a corrupt file; returns the classes
+  that will become inert placeholders.
+  """
+  return _read_restricted(os.fspath(path), dry=True)[1]
 
 
 def read_torch_file_restricted(path: str) -> tuple[Any, set[str]]:
@@ -312,15 +222,22 @@ def read_torch_file_restricted(path: str) -> tuple[Any, set[str]]:
   Returns the object (tensors as numpy arrays) and the qualified names of the
   classes that became inert placeholders.
   """
+  return _read_restricted(os.fspath(path), dry=False)
+
+
+def _read_restricted(path: str, dry: bool) -> tuple[Any, set[str]]:
   kind = _sniff(path)
   try:
-    return _read_zip(path) if kind == 'zip' else _read_legacy(path)
+    return _read_zip(path, dry) if kind == 'zip' else _read_legacy(path, dry)
+  except UnsafePickleError as e:
+    msg = str(e)
+    raise UnsafePickleError(msg if msg.startswith(path) else f'{path}: {msg}') from None
   except ConversionError:
     raise
   except (EOFError, zipfile.BadZipFile, struct.error) as e:
     raise ConversionError(f'{path}: truncated or corrupt file ({e})') from e
-  except (pickle.UnpicklingError, KeyError, ValueError, TypeError,
-          IndexError) as e:
+  except (pickle.UnpicklingError, KeyError, ValueError, TypeError, IndexError,
+          AttributeError, OverflowError, MemoryError, RecursionError) as e:
     raise ConversionError(
         f'{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: '
         f'{e})') from e
@@ -352,7 +269,7 @@ def _to_numpy(obj: Any) -> Any:
   if hasattr(obj, 'detach') and hasattr(obj, 'dtype'):
     t = obj.detach().cpu()
     if str(t.dtype) == 'torch.bfloat16':
-      return t.float().numpy().astype(_bfloat16())
+      return t.float().numpy().astype(ps.bfloat16())
     return t.numpy().copy()
   return obj
 
@@ -405,31 +322,33 @@ def load_torch_file(path: str | os.PathLike, prefer_torch: bool = True
                     ) -> tuple[dict[str, np.ndarray], str]:
   """Reads a .pth file -> (state dict of numpy arrays, how it was loaded).
 
-  Tries `torch.load(weights_only=True)` when torch is installed and
-  `prefer_torch`; full training checkpoints (objects of the authors' script
-  classes) and everything when torch is missing use the restricted unpickler.
+  `torch.load(weights_only=True)` is used when torch is installed and
+  `prefer_torch`, after the torch-free `check_torch_file` passed; full
+  training checkpoints (objects of the authors' script classes) and
+  everything when torch is missing use the restricted unpickler, which makes
+  the same checks as it reads.
   """
   path = os.fspath(path)
-  _sniff(path)
-  how = None
-  obj = None
+  torch = None
   if prefer_torch:
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-      torch = None
-      how = 'restricted unpickler (torch not installed)'
-    if torch is not None:
-      try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-        how = 'torch.load(weights_only=True)'
-      except pickle.UnpicklingError as e:
-        how = ('restricted unpickler (torch.load(weights_only=True) refused: '
-               f'{_torch_refusal(e)})')
-      except Exception:  # pylint: disable=broad-except
-        how = 'restricted unpickler (torch.load failed)'  # error comes below
+      pass
+  obj = None
+  if torch is None:
+    how = 'restricted unpickler' + (' (torch not installed)' if prefer_torch else '')
+  elif check_torch_file(path):  # refuses hostile globals and sizes before torch runs
+    how = 'restricted unpickler (the file names training-script classes)'
   else:
-    how = 'restricted unpickler'
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+      how = 'torch.load(weights_only=True)'
+    except pickle.UnpicklingError as e:
+      how = ('restricted unpickler (torch.load(weights_only=True) refused: '
+             f'{_torch_refusal(e)})')
+    except Exception:  # pylint: disable=broad-except
+      how = 'restricted unpickler (torch.load failed)'  # error comes below
   if obj is None:
     obj, placeholders = read_torch_file_restricted(path)
     if placeholders:

@@ -164,6 +164,20 @@ class BottleneckIR(nn.Module):
     return r + shortcut
 
 
+REMAT_POLICIES = ('none', 'convs', 'full')
+
+
+def remat_unit(policy: str) -> Any:
+  """BottleneckIR, or it under nn.remat with jax.checkpoint `policy` (same parameter tree)."""
+  if policy == 'none':
+    return BottleneckIR
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'config.model.remat must be one of {REMAT_POLICIES}, got {policy!r}')
+  saveable = jax.checkpoint_policies.dots_saveable if policy == 'convs' else None
+  # self is argument 0: (x, train, groups) are 1, 2, 3; train and groups are Python values.
+  return nn.remat(BottleneckIR, static_argnums=(2, 3), policy=saveable)
+
+
 class IR50(nn.Module):
   """The first three stages of IR50 (input resized to img_size // 2).
 
@@ -173,11 +187,15 @@ class IR50(nn.Module):
     stage_units: number of units of body1..3; each stage's first unit has
       stride 2.
     dtype: compute dtype of convs and activations (None: follow inputs).
+    remat: rematerialisation of each IR unit in the backward pass (REMAT_POLICIES):
+      'none' keeps every activation; 'convs' keeps the conv outputs and recomputes
+      BatchNorm/PReLU; 'full' keeps only each unit's input. Same numbers, less memory.
   """
   img_size: int = 224
   stage_channels: Sequence[int] = (64, 128, 256)
   stage_units: Sequence[int] = (3, 4, 14)
   dtype: Optional[Dtype] = None
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, groups: int = 1
@@ -194,9 +212,10 @@ class IR50(nn.Module):
     x = PReLU(dtype=cd, name='input_prelu')(x)
     outs = []
     in_c = c0
+    unit = remat_unit(self.remat)
     for stage, (depth, units) in enumerate(zip(self.stage_channels, self.stage_units)):
       for i in range(units):
-        x = BottleneckIR(in_c, depth, 2 if i == 0 else 1, dtype=cd,
+        x = unit(in_c, depth, 2 if i == 0 else 1, dtype=cd,
                          name=f'body{stage + 1}_{i}')(x, train, groups)
         in_c = depth
       outs.append(x)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qcs_jax.models.backbone import IR50, PAD1, torch_conv
+from qcs_jax.models.backbone import IR50, PAD1, remat_unit, torch_conv
 from qcs_jax.models.cross import CrossAttention
 from qcs_jax.models.vit import VisionTransformer
 
@@ -81,10 +81,12 @@ class QCSModel(nn.Module):
   base_proj_drop: float = 0.0
   cross_proj_drop: float = 0.0
   dtype: str = 'float32'
+  remat: str = 'none'
 
   def __post_init__(self):
     validate(self.model_name, self.csa, self.minmax, self.dtype, self.stage_channels,
              self.stage_units, self.img_size, self.embed_dim, self.num_heads)
+    remat_unit(self.remat)  # raises ValueError naming config.model.remat
     super().__post_init__()
 
   @property
@@ -100,7 +102,7 @@ class QCSModel(nn.Module):
     c0, c1, c2 = self.stage_channels
     d = self.embed_dim
     self.ir_back = IR50(self.img_size, tuple(self.stage_channels),
-                        tuple(self.stage_units), dtype=cd)
+                        tuple(self.stage_units), dtype=cd, remat=self.remat)
     self.conv1 = torch_conv(c0, c0, 3, 2, PAD1, dtype=cd)
     self.conv2 = torch_conv(c1, c1, 3, 2, PAD1, dtype=cd)
     self.conv3 = torch_conv(c2, c2, 3, 2, PAD1, dtype=cd)

@@ -22,7 +22,7 @@ def torch_trunc_normal(std: float) -> nn.initializers.Initializer:
   return nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
 
 
-# ViT init (ARCHITECTURE.md section 3): Linear trunc-normal 0.01 + zero bias.
+# ViT init (docs/ARCHITECTURE.md section 3): Linear trunc-normal 0.01 + zero bias.
 vit_kernel_init = torch_trunc_normal(0.01)
 token_init = torch_trunc_normal(0.02)
 

@@ -1,4 +1,4 @@
-"""The training loss of ARCHITECTURE.md section 7: mean of the per-branch cross-entropies."""
+"""The training loss of docs/ARCHITECTURE.md section 7: mean of the per-branch cross-entropies."""
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """SAM around Adam as an optax transformation, and the per-epoch learning-rate decay.
 
-The reference's step (ARCHITECTURE.md section 8):
+The reference's step (docs/ARCHITECTURE.md section 8):
   g  = grad L(w);  e = rho * g / (||g||_2 + 1e-12);  g' = grad L(w + e);  w <- Adam(w, g').
 We use optax.contrib.sam in its opaque mode: ``tx.update(g, state, w, grad_fn=f)``
 takes the ascent step itself and calls ``f(w + e, 0)`` for g'. (Its transparent

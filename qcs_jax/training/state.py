@@ -40,7 +40,7 @@ def _dummy_images(cfg) -> jnp.ndarray:
 
 
 def init_variables(model, cfg, rng) -> dict:
-  """Random variables with the init of ARCHITECTURE.md (host side, before sharding)."""
+  """Random variables with the init of docs/ARCHITECTURE.md (host side, before sharding)."""
   prng, drng = jax.random.split(rng)
   v = jax.jit(lambda p, d: model.init({"params": p, "dropout": d}, _dummy_images(cfg),
                                       train=False))(prng, drng)

@@ -24,7 +24,7 @@ def make_train_step(model, tx, mesh: Mesh):
 
   With SAM, tx.update calls ``ascent_grad`` for the second pass; both passes run
   in train mode, so BatchNorm running statistics get both updates, the second
-  starting from the first's result (ARCHITECTURE.md section 7).
+  starting from the first's result (docs/ARCHITECTURE.md section 7).
   """
 
   def loss_fn(params, batch_stats, images, labels, rng):

@@ -15,6 +15,8 @@ from qcs_jax.data.base import DataError, FERSource, FileListSource, LineOrigins,
 FERPLUS_CLASSES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust",
                    "fear", "contempt")
 FERPLUS_VOTE_COLUMNS = FERPLUS_CLASSES + ("unknown", "NF")
+# Class names shown to users (the vote columns' order, capitalised).
+FERPLUS_CLASS_NAMES = tuple(c.capitalize() for c in FERPLUS_CLASSES)
 FERPLUS_UNKNOWN = 8  # vote result: no majority, or the 'unknown' column won
 FERPLUS_NF = 9       # vote result: the 'NF' (not a face) column won
 
@@ -133,7 +135,7 @@ def _ferplus_csv(fer_csv: str, new_csv: str, split: str) -> PixelSource:
   keep = np.flatnonzero(results < len(FERPLUS_CLASSES))
   gray = np.stack(images)[keep] if keep.size else np.zeros((0, 48, 48), np.uint8)
   return PixelSource(
-      labels=results[keep], class_names=FERPLUS_CLASSES, name=f"ferplus/{split}",
+      labels=results[keep], class_names=FERPLUS_CLASS_NAMES, name=f"ferplus/{split}",
       images=np.repeat(gray[..., None], 3, axis=-1),
       origins=LineOrigins(fer_csv, np.asarray(origins)[keep]),
       notes=_vote_notes(results, f"dropped {n_noname} without image name"))
@@ -166,7 +168,7 @@ def _ferplus_folder(folder: str, split: str, on_missing: str) -> FileListSource:
                                  on_missing, f"expected the PNGs next to label.csv; found: "
                                  f"{_found(folder)}")
   return FileListSource(
-      labels=results[voted][keep], class_names=FERPLUS_CLASSES, name=f"ferplus/{split}",
+      labels=results[voted][keep], class_names=FERPLUS_CLASS_NAMES, name=f"ferplus/{split}",
       paths=[resolved[i] for i in keep], origins=origins.take(keep),
       notes="; ".join(x for x in (_vote_notes(results), dropped) if x))
 

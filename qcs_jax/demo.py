@@ -1,0 +1,123 @@
+"""Try a model in your browser: a local web page that recognises expressions in your photos.
+
+  python -m qcs_jax.demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] \
+      [--max_upload_mb 10]
+
+Without --checkpoint it runs the embedded demo model (qcs_jax/assets/demo_model:
+the inference path of configs/synthetic.py:baseline trained on the synthetic
+faces, so its labels on real photos are only a demonstration). Works offline: the page has
+no external resources. Stop it with Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from qcs_jax import runtime
+
+DEMO_MODEL = pathlib.Path(__file__).with_name("assets") / "demo_model"
+BATCH = 8  # faces per model call: one compiled shape
+
+
+def recognize(model: Any, image: np.ndarray, detect: bool = True, margin: float = 0.25,
+              min_face: int = 40) -> list[dict]:
+  """THE adapter between the demo and the model: photo -> [{box, label, score, probabilities}].
+
+  `model` is a loaded checkpoint (checkpoint.LoadedModel). Built on
+  predict.BatchedClassifier and apps.faces; the one place to switch to
+  `qcs_jax.Recognizer(...).predict(image)` when it lands.
+  """
+  from qcs_jax import predict  # pylint: disable=import-outside-toplevel
+  from qcs_jax.apps import faces  # pylint: disable=import-outside-toplevel
+  h, w = image.shape[:2]
+  if detect:
+    boxes = faces.detect_faces(image, min(min_face, h, w))
+    crops = [faces.face_crop(image, b, margin) for b in boxes]
+  else:
+    boxes, crops = [faces.Box(0, 0, w, h)], [image]
+  rows = [{"box": list(b.as_tuple())} for b in boxes]
+  clf = predict.BatchedClassifier(model, BATCH)
+  for crop, row in zip(crops, rows):
+    clf.add(crop, row)
+  clf.flush()
+  return rows
+
+
+def load(checkpoint: str | None) -> tuple[Any, str]:
+  """(loaded model, description) of --checkpoint or of the embedded demo model."""
+  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
+  if checkpoint:
+    return load_checkpoint(checkpoint), f"Model: {checkpoint}."
+  if not (DEMO_MODEL / "model.json").is_file():
+    raise CheckpointError(f"the embedded demo model is missing ({DEMO_MODEL}); pass "
+                          "--checkpoint DIR")
+  model = load_checkpoint(str(DEMO_MODEL))
+  acc = (model.metadata.get("extra") or {}).get("accuracy")
+  score = f", {100 * acc:.1f}% test accuracy there" if isinstance(acc, float) else ""
+  return model, ("Model: the embedded demo model (the small network of configs/synthetic.py "
+                 f"trained on synthetic cartoon faces{score}: its labels on real photos are a "
+                 "demonstration, not a measurement).")
+
+
+def build_app(checkpoint: str | None, max_upload_mb: float = 10.0) -> Any:
+  """The DemoApp of a checkpoint (None: the embedded model), compiled and ready."""
+  from qcs_jax.apps import webdemo  # pylint: disable=import-outside-toplevel
+  from qcs_jax.predict import class_names_of  # pylint: disable=import-outside-toplevel
+  model, description = load(checkpoint)
+  size = int(model.model_cfg["img_size"])
+  np.asarray(model.logits(np.zeros((BATCH, size, size, 3), np.float32)))  # compile now
+  info = {"description": description, "class_names": class_names_of(model),
+          "img_size": size}
+  return webdemo.DemoApp(lambda image, detect: recognize(model, image, detect), info,
+                         max_bytes=int(max_upload_mb * 1024 * 1024))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(prog="python -m qcs_jax.demo",
+                               description=__doc__.split("\n\n")[0])
+  ap.add_argument("--checkpoint", help="checkpoint dir or training workdir (default: the "
+                                       "embedded demo model)")
+  ap.add_argument("--host", default="127.0.0.1",
+                  help="address to listen on (default: this computer only)")
+  ap.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+  ap.add_argument("--max_upload_mb", type=float, default=10.0, help="largest upload (MB)")
+  return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  from qcs_jax.apps import webdemo  # pylint: disable=import-outside-toplevel
+  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  if not args.max_upload_mb > 0:
+    print(f"error: --max_upload_mb must be > 0, got {args.max_upload_mb}", file=sys.stderr)
+    return 2
+  try:
+    app = build_app(args.checkpoint, args.max_upload_mb)
+    server = webdemo.make_server(app, args.host, args.port)
+  except (CheckpointError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  host, port = server.server_address[:2]
+  print(f"QCS demo on http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()
+  return 0
+
+
+def run() -> None:
+  """Console script `qcs-demo`."""
+  runtime.set_cpu_xla_defaults()
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,371 @@
+"""Does QCS isolate redundant features? A grid of training runs (issue 16).
+
+models {baseline, dcs, qcs-sd, qcs-s, qcs-d} x confound strength p x seeds, on the
+synthetic faces whose training split ties a nuisance (background by default) to the
+class with probability p, while the test split keeps it independent: a model that
+learned the nuisance loses test accuracy as p grows. The same command runs the five
+models x seeds on a real data set (folder, CSV manifest, RAF-DB, ...), no knob there.
+
+Budget ("images"): every model sees the same number of images through the backbone,
+images_per_step per step for the same number of steps: batch = images_per_step /
+branches anchors (baseline 1 branch, DCS 2, QCS 4) and an epoch is a 1/branches
+fraction of the anchors, so each epoch pushes num_train images through every model
+and the learning-rate schedule (per step and per epoch) is the same for all. That is
+how the authors pair DCS (48 anchors) with QCS (24 anchors) in their recipes, and it
+equalises compute, which the backbone dominates. "recipe" keeps each model's released
+recipe unchanged (the paper's protocol on real data).
+
+Each run writes one JSONL row to OUT/results.jsonl; rerunning the command skips the
+finished cells and resumes an interrupted one from its checkpoint. The table and the
+figure (claim_report.py) are redrawn from the rows at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from typing import Sequence
+
+import ml_collections
+
+from qcs_jax import config as config_lib
+from qcs_jax.data.base import DataError
+
+MODELS = {"baseline": ("baseline", "sd"), "dcs": ("dcs", "s"), "qcs-sd": ("qcs", "sd"),
+          "qcs-s": ("qcs", "s"), "qcs-d": ("qcs", "d")}
+REAL_DATA = ("rafdb", "ferplus", "affectnet7", "affectnet8", "folder", "csv")
+# Network widths: "demo" is configs/synthetic.py's network, "tiny" the tests' one.
+WIDTHS = {
+    "demo": dict(stage_channels=(16, 32, 64), stage_units=(1, 1, 2), embed_dim=64,
+                 num_heads=4),
+    "tiny": dict(stage_channels=(8, 16, 16), stage_units=(1, 1, 1), embed_dim=32, num_heads=2),
+}
+RESULTS = "results.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything a cell's result depends on besides (model, strength, seed)."""
+  data: str = "synthetic"
+  nuisances: tuple[str, ...] = ("background",)
+  image_size: int = 48
+  num_train: int = 2304  # 18 steps of 128 images per epoch
+  num_test: int = 1400
+  label_noise: float = 0.05
+  width: str = "demo"
+  images_per_step: int = 128  # QCS: the demo's 32 anchors
+  epochs: int = 16
+  gamma: float = 0.97  # lr decay per epoch of num_train images: the demo's 0.85 per 12,000
+  budget: str = "images"
+  root: str = ""
+  csv: str = ""
+  recipe: str = "rafdb"
+  overrides: tuple[str, ...] = ()
+
+  def as_dict(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  model: str
+  strength: float | None  # None: a real data set (no knob)
+  seed: int
+
+  @property
+  def key(self) -> str:
+    p = "" if self.strength is None else f"_p{self.strength:.2f}"
+    return f"{self.model}{p}_seed{self.seed}"
+
+
+QUICK = dict(models=("baseline", "qcs-sd"), strengths=(0.0, 0.95), seeds=(0,),
+             settings=Settings(image_size=32, num_train=224, num_test=70, width="tiny",
+                               images_per_step=32, epochs=1))
+
+
+def grid(models: Sequence[str], strengths: Sequence[float | None],
+         seeds: Sequence[int]) -> list[Cell]:
+  """Cells seed-major, so an interrupted grid already holds whole seeds."""
+  for m in models:
+    if m not in MODELS:
+      raise ValueError(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+  for p in strengths:
+    if p is not None and not 0.0 <= p <= 1.0:
+      raise ValueError(f"confound strength must be in [0, 1], got {p}")
+  return [Cell(m, p, s) for s in seeds for p in strengths for m in models]
+
+
+def _set(cfg: ml_collections.ConfigDict, assignment: str) -> None:
+  """Applies 'a.b.c=value' (value parsed as a Python literal, else kept as a string)."""
+  key, sep, raw = assignment.partition("=")
+  if not sep or not key.strip():
+    raise ValueError(f"--set needs key=value, got {assignment!r}")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  *path, leaf = key.strip().split(".")
+  node = cfg
+  for part in path:
+    if part not in node:
+      raise ValueError(f"--set {key}: no config field {part!r}")
+    node = node[part]
+  if leaf not in node:
+    raise ValueError(f"--set {key}: no config field {leaf!r}")
+  node[leaf] = value
+
+
+def cell_config(s: Settings, cell: Cell) -> ml_collections.ConfigDict:
+  """The training config of one cell (pure: no files are read)."""
+  family, csa = MODELS[cell.model]
+  if s.data == "synthetic":
+    c = config_lib.synthetic(family)
+    c.model.update(img_size=s.image_size, **WIDTHS[s.width])
+    c.data.augment.resize = s.image_size
+    confound = tuple(f"{n}:{cell.strength:g}" for n in s.nuisances) if cell.strength else ()
+    c.data.synthetic.update(num_train=s.num_train, num_test=s.num_test,
+                            image_size=s.image_size, seed=cell.seed,
+                            label_noise=s.label_noise, confound=confound)
+    c.train.epochs = s.epochs
+    c.optim.gamma = s.gamma
+  elif s.data in REAL_DATA:
+    c = config_lib.recipe(family, s.recipe)
+    c.data.update(name=s.data, root=s.root, csv=s.csv)
+    if s.epochs > 0:
+      c.train.epochs = s.epochs
+  else:
+    raise ValueError(f"unknown data {s.data!r}; choose synthetic or one of {REAL_DATA}")
+  c.model.csa = csa
+  if s.budget == "images":
+    nb = config_lib.NUM_BRANCHES[family]
+    if s.images_per_step % 4:
+      raise ValueError(f"images_per_step={s.images_per_step} must be a multiple of 4 "
+                       f"(QCS's 4 branches)")
+    c.data.batch_size = s.images_per_step // nb
+    c.data.epoch_fraction = c.data.epoch_fraction / nb
+  elif s.budget != "recipe":
+    raise ValueError(f"budget must be 'images' or 'recipe', got {s.budget!r}")
+  c.train.update(seed=cell.seed, progress=False, checkpoint_every=10**9, log_every=10**9)
+  for assignment in s.overrides:
+    _set(c, assignment)
+  return c
+
+
+def images_per_epoch(cfg: ml_collections.ConfigDict, num_train: int) -> int:
+  """Images through the backbone per epoch: steps x anchors x branches (the sampler's rule)."""
+  nb = config_lib.NUM_BRANCHES[cfg.model.name]
+  anchors = max(1, int(round(num_train * cfg.data.epoch_fraction)))
+  return anchors // cfg.data.batch_size * cfg.data.batch_size * nb
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a results.jsonl (a torn last line from a kill is ignored)."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def _eval_rows(workdir: str) -> list[dict]:
+  by_epoch = {}
+  for r in read_rows(os.path.join(workdir, "metrics.jsonl")):
+    if r.get("kind") == "eval":
+      by_epoch[r["epoch"]] = r
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process, all threads (wall time misleads on a shared machine)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def run_cell(s: Settings, cell: Cell, workdir: str) -> dict:
+  """Trains one cell (resuming its workdir) and returns its result row."""
+  from qcs_jax.training import loop  # jax starts here, after the XLA flags are set
+
+  cfg = cell_config(s, cell)
+  t0, cpu0 = time.perf_counter(), _cpu_seconds()
+  loop.train_and_evaluate(cfg, workdir)
+  wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+  evals = _eval_rows(workdir)
+  if len(evals) < cfg.train.epochs:
+    raise RuntimeError(f"{workdir}: {len(evals)} of {cfg.train.epochs} epochs evaluated")
+  best = max(evals, key=lambda r: r["accuracy"])
+  family, csa = MODELS[cell.model]
+  nb = config_lib.NUM_BRANCHES[family]
+  steps = evals[-1]["step"]
+  return {
+      "cell": cell.key, "model": cell.model, "name": family, "csa": csa,
+      "strength": cell.strength, "seed": cell.seed,
+      "confound": {n: cell.strength for n in s.nuisances} if cell.strength else {},
+      "final_accuracy": evals[-1]["accuracy"],
+      "final_mean_class_accuracy": evals[-1]["mean_class_accuracy"],
+      "best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
+      "epoch_accuracies": [r["accuracy"] for r in evals],
+      "steps": steps, "images_through_backbone": steps * cfg.data.batch_size * nb,
+      "anchors_per_step": cfg.data.batch_size, "wall_s": round(wall, 1),
+      "cpu_s": round(cpu, 1),
+      "settings": s.as_dict(),
+  }
+
+
+def run_grid(s: Settings, cells: Sequence[Cell], out: str, keep_checkpoints: bool = False,
+             log=print) -> tuple[list[dict], list[str]]:
+  """Runs the cells not yet in OUT/results.jsonl; returns (all rows, failures)."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, RESULTS)
+  rows = read_rows(path)
+  for r in rows:
+    if r.get("settings") != s.as_dict():
+      changed = sorted(k for k in s.as_dict() if r.get("settings", {}).get(k) != s.as_dict()[k])
+      raise ValueError(f"{path} holds runs with other settings ({', '.join(changed)}); "
+                       f"use another --out or the same options")
+  done = {r["cell"] for r in rows}
+  todo = [c for c in cells if c.key not in done]
+  log(f"{len(cells)} cells: {len(cells) - len(todo)} done, {len(todo)} to run -> {path}")
+  failures = []
+  for i, cell in enumerate(todo):
+    workdir = os.path.join(out, "runs", cell.key)
+    log(f"[{i + 1}/{len(todo)}] {cell.key}")
+    try:
+      row = run_cell(s, cell, workdir)
+    except (ValueError, RuntimeError, FloatingPointError, DataError) as e:
+      failures.append(f"{cell.key}: {e}")
+      log(f"error: {cell.key}: {e}")
+      continue
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    rows.append(row)
+    log(f"  test accuracy {100 * row['final_accuracy']:.2f}% (best "
+        f"{100 * row['best_accuracy']:.2f}% at epoch {row['best_epoch']}), "
+        f"{row['images_through_backbone']} images, {row['wall_s']:.0f} s wall, "
+        f"{row['cpu_s']:.0f} s CPU")
+    if not keep_checkpoints:
+      shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+  return rows, failures
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+  return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  d = Settings()
+  ap = argparse.ArgumentParser(prog="qcs-claim", description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True, help="results folder (rerun the command to resume)")
+  ap.add_argument("--quick", action="store_true",
+                  help="smoke test: baseline and QCS x 2 strengths x 1 seed, tiny network, 1 epoch")
+  ap.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+  ap.add_argument("--strengths", default="0,0.5,0.8,0.95", help="confound strengths p")
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--nuisances", default=",".join(d.nuisances),
+                  help="nuisances tied to the class with probability p (synthetic data)")
+  ap.add_argument("--data", default=d.data, help=f"synthetic or one of {','.join(REAL_DATA)}")
+  ap.add_argument("--root", default="", help="data set folder (real data)")
+  ap.add_argument("--csv", default="", help="path,label,split manifest (--data csv)")
+  ap.add_argument("--recipe", default=None,
+                  help="released recipe for real data: rafdb, ferplus, affectnet7, affectnet8 "
+                       "(default: --data's own, rafdb for folder and csv)")
+  ap.add_argument("--image_size", type=int, default=d.image_size)
+  ap.add_argument("--num_train", type=int, default=d.num_train)
+  ap.add_argument("--num_test", type=int, default=d.num_test)
+  ap.add_argument("--label_noise", type=float, default=d.label_noise)
+  ap.add_argument("--width", default=d.width, choices=sorted(WIDTHS))
+  ap.add_argument("--images_per_step", type=int, default=d.images_per_step)
+  ap.add_argument("--epochs", type=int, default=None,
+                  help=f"epochs per run (synthetic default {d.epochs}; real data: the recipe's)")
+  ap.add_argument("--budget", default=None, choices=("images", "recipe"),
+                  help="images: equal images through the backbone (synthetic default); "
+                       "recipe: each model's released recipe (real-data default)")
+  ap.add_argument("--set", action="append", default=[], dest="overrides",
+                  help="config override key=value for every run, e.g. init.backbone=ir50.npz")
+  ap.add_argument("--report_only", action="store_true", help="redraw table and figure only")
+  ap.add_argument("--keep_checkpoints", action="store_true")
+  return ap.parse_args(argv)
+
+
+def settings_from_args(a: argparse.Namespace) -> tuple[Settings, list[Cell]]:
+  real = a.data != "synthetic"
+  if a.quick:
+    q = QUICK["settings"]
+    return q, grid(QUICK["models"], QUICK["strengths"], QUICK["seeds"])
+  s = Settings(data=a.data, nuisances=_names(a.nuisances), image_size=a.image_size,
+               num_train=a.num_train, num_test=a.num_test, label_noise=a.label_noise,
+               width=a.width, images_per_step=a.images_per_step,
+               epochs=a.epochs if a.epochs is not None else (0 if real else Settings.epochs),
+               budget=a.budget or ("recipe" if real else "images"), root=a.root, csv=a.csv,
+               recipe=a.recipe or (a.data if a.data in config_lib.AUGMENT else "rafdb"),
+               overrides=tuple(a.overrides))
+  strengths = (None,) if real else _floats(a.strengths)
+  cells = grid(_names(a.models), strengths, _ints(a.seeds))
+  cell_config(s, cells[0])  # fails early on a bad option
+  return s, cells
+
+
+def use_compile_cache(out: str) -> None:
+  """Persistent XLA cache in OUT (unless JAX_COMPILATION_CACHE_DIR is set): the cells of a
+  model share their programs, so each model compiles once per grid, not once per cell."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(out), "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from qcs_jax.experiments import claim_report
+
+  try:
+    a = parse_args(argv)
+    s, cells = settings_from_args(a)
+    failures: list[str] = []
+    if a.report_only:
+      rows = read_rows(os.path.join(a.out, RESULTS))
+    else:
+      use_compile_cache(a.out)
+      rows, failures = run_grid(s, cells, a.out, a.keep_checkpoints)
+    if rows:
+      table, figure = claim_report.write_report(rows, a.out)
+      print(open(table).read())
+      print(f"wrote {table} and {figure}")
+  except (ValueError, DataError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if failures:
+    print(f"error: {len(failures)} cell(s) failed: " + "; ".join(failures), file=sys.stderr)
+    return 1
+  return 0
+
+
+def run() -> None:
+  """Console script `qcs-claim`."""
+  from qcs_jax import runtime
+  runtime.set_cpu_xla_defaults()
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

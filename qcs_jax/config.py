@@ -23,6 +23,7 @@ __all__ = ["NUM_BRANCHES", "NUM_CLASSES", "ConfigError", "base_config", "paper_c
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 NUM_CLASSES = {"rafdb": 7, "ferplus": 8, "affectnet7": 7, "affectnet8": 8, "synthetic": 7}
+PAPER_DATASETS = ("rafdb", "ferplus", "affectnet7", "affectnet8")  # each has configs/<name>*.py
 # The similarity each paper model refines with (docs/ARCHITECTURE.md): DCS one S, QCS S and D.
 CSA = {"qcs": "sd", "dcs": "s", "baseline": DEFAULT_MODEL_CFG["csa"]}
 

@@ -106,8 +106,16 @@ def load_average() -> float:
 
 
 def weights_file(cfg: dict, seed: int) -> str:
-  """state_dict of build_reference(cfg, seed) as .npz (built once, cached in /tmp)."""
-  key = hashlib.sha1(json.dumps([cfg, seed], sort_keys=True).encode()).hexdigest()[:12]
+  """state_dict of build_reference(cfg, seed) as .npz (built once, cached in /tmp).
+
+  The cache key covers the reference's source, so a changed reference (a layer's
+  shape, its init) never loads weights cached from an older one.
+  """
+  import qcs_jax.interop  # pylint: disable=import-outside-toplevel
+  src = os.path.dirname(qcs_jax.interop.__file__)
+  code = b"".join(open(os.path.join(src, f), "rb").read()
+                  for f in ("reference.py", "reference_layers.py"))
+  key = hashlib.sha1(json.dumps([cfg, seed], sort_keys=True).encode() + code).hexdigest()[:12]
   path = os.path.join(tempfile.gettempdir(), f"qcs_bench_weights_{key}.npz")
   if not os.path.exists(path):
     from qcs_jax.interop import reference as R  # pylint: disable=import-outside-toplevel

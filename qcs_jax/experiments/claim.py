@@ -317,7 +317,7 @@ def settings_from_args(a: argparse.Namespace) -> tuple[Settings, list[Cell]]:
                width=a.width, images_per_step=a.images_per_step,
                epochs=a.epochs if a.epochs is not None else (0 if real else Settings.epochs),
                budget=a.budget or ("recipe" if real else "images"), root=a.root, csv=a.csv,
-               recipe=a.recipe or (a.data if a.data in config_lib.AUGMENT else "rafdb"),
+               recipe=a.recipe or (a.data if a.data in config_lib.PAPER_DATASETS else "rafdb"),
                overrides=tuple(a.overrides))
   strengths = (None,) if real else _floats(a.strengths)
   cells = grid(_names(a.models), strengths, _ints(a.seeds))

@@ -111,14 +111,14 @@ def test_problems_are_reported_and_skipped(loaded, tmp_path):
   assert rows == [] and len(msgs) == 4
   text = "\n".join(msgs)
   assert f"{paths[0]}: no face found" in text
-  assert f"{paths[1]}: cannot read this image" in text
+  assert f"{paths[1]}: not an image" in text
   assert f"{paths[2]}: image is 24x24 pixels, smaller than --min_face 40" in text
   assert f"{tmp_path / 'missing.png'}: no such file or folder" in text
   msgs, report = _collect()
   rows = predict.predict_paths(paths, loaded, detect=False, batch_size=BATCH,
                                on_problem=report)
   assert [r["file"] for r in rows] == [paths[0], paths[3]]  # no detection: the cat is a "face"
-  assert len(msgs) == 2 and "cannot read" in msgs[0] and "24x24" in msgs[1]
+  assert len(msgs) == 2 and "not an image" in msgs[0] and "24x24" in msgs[1]
 
 
 def test_synthetic_face_is_detected(loaded, tmp_path):
@@ -192,7 +192,7 @@ def test_cli_csv_jsonl_and_exit_status(loaded, tmp_path, monkeypatch, capsys):
   (tmp_path / "bad.png").write_bytes(b"junk")
   assert predict.main(["--checkpoint", "ck", str(tmp_path / "bad.png")]) == 1
   err = capsys.readouterr().err
-  assert "bad.png: cannot read this image" in err and "nothing could be classified" in err
+  assert "bad.png: not an image" in err and "nothing could be classified" in err
 
 
 def test_format_rows_rejects_unknown_format():

@@ -20,7 +20,8 @@ log = logging.getLogger("qcs_jax")
 
 # Fields that may differ between a run and its resumption without --config.train.allow_config_change.
 RESUMABLE_CHANGES = ("data.workers", "train.epochs", "train.log_every", "train.progress",
-                     "train.allow_config_change", "train.stop_after_steps", "data.root")
+                     "train.allow_config_change", "train.stop_after_steps", "data.root",
+                     "init.require_backbone")
 
 
 def write_atomic(path: str, text: str) -> None:

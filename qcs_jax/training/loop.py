@@ -19,7 +19,8 @@ from qcs_jax.training.checkpoints import (check_config, checkpoint_manager, disk
                                           is_disk_full, restore_checkpoint, save_checkpoint,
                                           truncate_metrics)
 from qcs_jax.training.metrics_log import MetricsLog, NullLog
-from qcs_jax.training.state import apply_init, create_state, init_variables, make_mesh
+from qcs_jax.training.state import (apply_init, check_init, create_state, init_variables,
+                                    make_mesh)
 from qcs_jax.training.step import evaluate, make_eval_step, make_train_step, shard_batch
 
 log = logging.getLogger("qcs_jax")
@@ -65,8 +66,6 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   from qcs_jax.training import plots
   from qcs_jax.data import pipeline, sources
 
-  os.makedirs(workdir, exist_ok=True)
-  check_config(workdir, cfg)
   mesh = make_mesh()
   nb = NUM_BRANCHES[cfg.model.name]
   ndev = mesh.devices.size
@@ -95,6 +94,11 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if steps < 1:
     raise ValueError(f"{train_src.name}: {len(train_src)} images give no full batch of "
                      f"{cfg.data.batch_size}")
+
+  check_init(cfg)
+  # Every check that can fail on the user's input is done: now the workdir is written.
+  os.makedirs(workdir, exist_ok=True)
+  check_config(workdir, cfg)
 
   model = build_model(cfg.model)
   tx = optim.make_optimizer(cfg.optim, steps)

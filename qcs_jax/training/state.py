@@ -63,6 +63,26 @@ def _replace_subtree(target: dict, source: dict, what: str) -> dict:
   return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
+SCRATCH = "scratch"  # config.init.backbone=scratch: a random IR50, deliberately
+
+
+def check_init(cfg) -> None:
+  """Refuses a paper recipe that would train from a random IR50 (before anything is written).
+
+  The paper's accuracies depend on the Ms-Celeb-1M IR50: recipes that need it set
+  config.init.require_backbone; `--config.init.backbone=scratch` opts out. (That
+  the init paths exist is checked with the rest of the config, config.check_config.)
+  """
+  init = cfg.init
+  if init.get("require_backbone", False) and not init.backbone and not init.checkpoint:
+    raise ckpt_io.CheckpointError(
+        "this recipe trains from the Ms-Celeb-1M IR50, as the paper does (its accuracies "
+        "depend on it), but config.init.backbone is empty. Download the authors' ir50.pth "
+        "(qcs-convert --list_zoo), convert it with `qcs-convert --input ir50.pth --output "
+        "runs/ir50` and add --config.init.backbone=runs/ir50; or pass "
+        "--config.init.backbone=scratch to train from a random IR50 on purpose.")
+
+
 def apply_init(variables: dict, init_cfg) -> dict:
   """Loads config.init.backbone (converted IR50) or config.init.checkpoint (full model)."""
   variables = jax.tree.map(lambda x: x, variables)
@@ -72,7 +92,7 @@ def apply_init(variables: dict, init_cfg) -> dict:
       variables[col] = _replace_subtree(variables[col], loaded.get(col, {}),
                                         f"init.checkpoint={init_cfg.checkpoint} [{col}]")
     log.info("initialised the whole model from %s", init_cfg.checkpoint)
-  elif init_cfg.backbone:
+  elif init_cfg.backbone and init_cfg.backbone != SCRATCH:
     loaded, _ = ckpt_io.load_variables(init_cfg.backbone)
     for col in ("params", "batch_stats"):
       if "ir_back" not in loaded.get(col, {}):

@@ -157,7 +157,7 @@ def test_real_folder_grid(tmp_path):
             root / split / name / f"{i}.png")
   tiny = ["model.img_size=32", "model.stage_channels=(8, 16, 16)", "model.stage_units=(1, 1, 1)",
           "model.embed_dim=32", "model.num_heads=2", "data.workers=0", "data.eval_batch_size=8",
-          "data.augment.erase_p=0.0"]
+          "data.augment.erase_p=0.0", "init.backbone=scratch"]
   out = str(tmp_path / "real")
   argv = ["--out", out, "--data", "folder", "--root", str(root), "--models", "baseline",
           "--seeds", "0,1", "--epochs", "1", "--budget", "images", "--images_per_step", "16"]

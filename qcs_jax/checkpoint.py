@@ -153,6 +153,41 @@ def _check_shapes(variables: Mapping[str, Any], model_cfg: dict[str, Any],
         f'{where}: variables do not match its model config ({"; ".join(problems)})')
 
 
+def _read_plain_ocdbt(path: pathlib.Path) -> dict[str, Any] | None:
+  """The arrays of an orbax StandardCheckpointer folder, read with tensorstore alone.
+
+  Importing orbax costs ~0.5-1 s, a third of a warm `predict`; the layout
+  save_variables writes (OCDBT, zarr v2, a tree of dict keys, numpy leaves) is
+  simple enough to read directly. None for any other layout or on any error:
+  the caller then restores through orbax, which also explains failures.
+  """
+  try:
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+    meta = json.loads((path / '_METADATA').read_text())
+    if not meta.get('use_ocdbt') or meta.get('use_zarr3'):
+      return None
+    keys = []
+    for entry in meta['tree_metadata'].values():
+      if entry['value_metadata'].get('value_type') != 'np.ndarray' or any(
+          k.get('key_type') != 2 for k in entry['key_metadata']):
+        return None
+      keys.append(tuple(str(k['key']) for k in entry['key_metadata']))
+    base = {'driver': 'ocdbt', 'base': path.as_uri() + '/'}
+    ctx = ts.Context()
+    opened = [ts.open({'driver': 'zarr', 'kvstore': dict(base, path='.'.join(k) + '/')},
+                      open=True, read=True, context=ctx) for k in keys]
+    reads = [o.result().read() for o in opened]
+    out: dict[str, Any] = {}
+    for k, r in zip(keys, reads):
+      node = out
+      for part in k[:-1]:
+        node = node.setdefault(part, {})
+      node[k[-1]] = np.asarray(r.result())
+    return out
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def load_variables(directory: str | os.PathLike, check_shapes: bool = True
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
   """DIR -> (variables {'params', 'batch_stats'} of numpy arrays, model cfg).
@@ -162,12 +197,14 @@ def load_variables(directory: str | os.PathLike, check_shapes: bool = True
   size; check_variables() does it later, e.g. when the model fails to run).
   """
   meta = read_metadata(directory)
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(directory).absolute() / 'variables'
-  try:
-    variables = ocp.StandardCheckpointer().restore(path)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'{path}: cannot restore ({type(e).__name__}: {e})') from e
+  variables = _read_plain_ocdbt(path)
+  if variables is None:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    try:
+      variables = ocp.StandardCheckpointer().restore(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'{path}: cannot restore ({type(e).__name__}: {e})') from e
   variables = jax.tree.map(np.asarray, dict(variables))
   if check_shapes:
     _check_shapes(variables, meta['model'], meta.get('kind', 'model'),
@@ -183,13 +220,26 @@ def check_variables(loaded: 'LoadedModel', where: str) -> None:
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A restored model ready for inference: `logits(images) -> (B, K)`."""
-  model: Any
+  """A restored model ready for inference: `logits(images) -> (B, K)`.
+
+  The Flax module (`model`) and its jitted inference path are built on first
+  use, so a caller that runs a cached compiled program (apps/programs.py) never
+  imports Flax or traces the network.
+  """
+  module: Any
   variables: Any
   model_cfg: dict[str, Any]
   class_names: list[str] | None
   metadata: dict[str, Any]
   _infer: Callable[..., Any] = dataclasses.field(repr=False, default=None)
+
+  @property
+  def model(self) -> Any:
+    """The Flax module (built from model_cfg when first asked for)."""
+    if self.module is None:
+      from qcs_jax import models  # pylint: disable=import-outside-toplevel
+      self.module = models.build_model(self.model_cfg)
+    return self.module
 
   def logits(self, images: Any) -> jax.Array:
     """float32 (B, H, W, 3) normalised NHWC -> logits (B, K), eval mode."""
@@ -197,6 +247,9 @@ class LoadedModel:
     size = self.model_cfg.get('img_size', 224)
     if len(shape) != 4 or shape[-1] != 3 or shape[1:3] != (size, size):
       raise ValueError(f'expected images (B, {size}, {size}, 3), got {shape}')
+    if self._infer is None:
+      model = self.model
+      self._infer = jax.jit(lambda v, x: model.apply(v, x, method='infer'))
     return self._infer(self.variables, jnp.asarray(images, jnp.float32))
 
 
@@ -206,16 +259,11 @@ def load_model(directory: str | os.PathLike,
 
   check_shapes: see load_variables.
   """
-  from qcs_jax import models  # pylint: disable=import-outside-toplevel
   meta = read_metadata(directory)
   if meta.get('kind') == 'backbone':
     raise CheckpointError(
         f'{directory} holds only an IR50 backbone (a training init, see '
         'config.init.backbone), not a whole model')
   variables, model_cfg = load_variables(directory, check_shapes)
-  model = models.build_model(model_cfg)
-  variables = jax.device_put(variables)
-  infer = jax.jit(lambda v, x: model.apply(v, x, method='infer'))
-  return LoadedModel(model=model, variables=variables, model_cfg=model_cfg,
-                     class_names=meta.get('class_names'), metadata=meta,
-                     _infer=infer)
+  return LoadedModel(module=None, variables=jax.device_put(variables), model_cfg=model_cfg,
+                     class_names=meta.get('class_names'), metadata=meta)

@@ -40,13 +40,14 @@ from qcs_jax.apps.batch import predict_paths as _predict_paths
 from qcs_jax.apps.annotate import Annotator, draw_annotations  # noqa: F401
 from qcs_jax.apps.batch import BatchedClassifier, class_names_of  # noqa: F401
 from qcs_jax.apps.images import read_image  # noqa: F401
-from qcs_jax.apps.media import find_inputs, is_video, video_frames  # noqa: F401
+from qcs_jax.apps.media import find_inputs, is_video  # noqa: F401
+from qcs_jax.data.video import VideoFrames  # noqa: F401
 from qcs_jax.apps.throughput import benchmark, random_variables  # noqa: F401
 # pylint: enable=unused-import
 
 FORMATS = ("jsonl", "csv")
 __all__ = ["predict_paths", "format_rows", "main", "run", "find_inputs", "is_video",
-           "video_frames", "benchmark", "random_variables", "read_image", "Annotator",
+           "VideoFrames", "benchmark", "random_variables", "read_image", "Annotator",
            "draw_annotations", "BatchedClassifier", "class_names_of"]
 
 

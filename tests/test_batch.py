@@ -11,6 +11,7 @@ from PIL import Image
 from qcs_jax import Recognizer, checkpoint, predict
 from qcs_jax.apps import batch, media
 from qcs_jax.apps.throughput import random_variables
+from qcs_jax.data.video import VideoFrames
 from qcs_jax.data import synthetic
 from qcs_jax.models import build_model
 
@@ -50,10 +51,32 @@ def test_video_faces_are_batched_across_frames(ckpt, tmp_path):
   rows = batch.predict_paths([str(path)], rec, detect=False)
   assert [r["frame"] for r in rows] == list(range(7))
   assert model.calls == [4, 4]  # 4 frames, then 3 padded to 4: not one call per frame
-  single = rec.predict_faces(rec_frames := [f for _, _, f in media.video_frames(str(path))])
+  single = rec.predict_faces(rec_frames := [f for _, _, f in VideoFrames(str(path))])
   assert len(rec_frames) == 7
   for r, s in zip(rows, single):
     assert r["label"] == s["label"] and r["score"] == pytest.approx(s["score"], abs=1e-5)
+
+
+def test_damaged_video_keeps_its_good_frames_and_names_the_frame(ckpt, tmp_path):
+  """A video whose frames stop decoding halfway: the earlier frames are predicted,
+  one line names the frame, and the photo after it is unaffected."""
+  face = synthetic.render_face(0, 112, seed=0)
+  path = tmp_path / "a_clip.avi"
+  out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (112, 112))
+  for k in range(20):
+    out.write(cv2.cvtColor(synthetic.render_face(k % 7, 112, seed=k), cv2.COLOR_RGB2BGR))
+  out.release()
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  Image.fromarray(face).save(tmp_path / "b_photo.png")
+  problems: list[str] = []
+  rows = batch.predict_paths([str(tmp_path)], checkpoint.load_model(ckpt), detect=False,
+                             on_problem=problems.append)
+  frames = [r["frame"] for r in rows if r["file"] == str(path)]
+  assert 0 < len(frames) < 18 and frames == list(range(len(frames)))
+  assert [r["file"] for r in rows if r["frame"] is None] == [str(tmp_path / "b_photo.png")]
+  assert problems == [f"{path}: frame {len(frames)} of 20 could not be decoded; the remaining "
+                      f"{20 - len(frames)} frames were skipped (damaged or truncated file)"]
 
 
 def test_read_ahead_overlaps_and_propagates_errors():

@@ -233,6 +233,38 @@ def test_training_batches_replace_each_hostile_file_and_say_why(tmp_path):
     assert reason.startswith(paths[i]) and re.search(expected[name], reason), reason
 
 
+def test_training_loop_prints_and_records_skipped_totals(tmp_path, capsys):
+  """train_and_evaluate over a folder with hostile files: the run finishes, and each
+  epoch prints and records (eval row of metrics.jsonl) how many were skipped."""
+  import json
+  from qcs_jax.training import loop
+  root = tmp_path / "data"
+  names = synthetic.CLASS_NAMES
+  for c, cls in enumerate(names):
+    for split in ("train", "test"):
+      (root / split / cls).mkdir(parents=True)
+      for k in range(2):
+        Image.fromarray(face(40 + 2 * c + k)).save(root / split / cls / f"good{k}.png")
+  make_hostile_files(root / "train" / names[0])
+  (root / "test" / names[1] / "empty.png").write_bytes(b"")
+  cfg = config.synthetic("qcs")
+  cfg.model.update(img_size=32, stage_channels=(8, 8, 16), stage_units=(1, 1, 1),
+                   embed_dim=16, num_heads=2, base_depth=1, cross_depth=1)
+  cfg.data.update(name="folder", root=str(root), test_split="test", batch_size=8,
+                  eval_batch_size=8, workers=0, on_bad_image="skip")
+  cfg.data.augment.resize = 32
+  cfg.init.backbone = "scratch"
+  cfg.train.update(epochs=1, progress=False, checkpoint_every=1000)
+  loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  ev = [r for r in rows if r["kind"] == "eval"]
+  assert len(ev) == 1 and ev[0]["train_skipped"] > 0 and ev[0]["test_skipped"] == 1
+  assert ev[0]["num_images"] == 14  # the empty file is masked out, not counted
+  assert (f"bad images skipped (data.on_bad_image='skip'): {ev[0]['train_skipped']} training "
+          "draws so far") in out and "1 test images, not counted" in out
+
+
 def test_mutated_images_decode_or_raise_one_line(tmp_path):
   """Random byte edits of six formats: an RGB array or a one-line DataError, nothing else."""
   rng = np.random.default_rng(0)

@@ -286,6 +286,74 @@ def test_exported_program_is_reused_and_matches_the_model(ckpt, tmp_path, monkey
   assert other != files[0][len("infer-"):-len(".jaxexport")]
 
 
+def test_compiled_program_is_reused_without_flax_or_tracing(ckpt, tmp_path):
+  """compiled_infer keeps the executable: a fresh load runs it with no Flax module built
+  (so no trace, no lowering); a damaged file is recompiled and replaced, not loaded."""
+  from qcs_jax.apps import programs
+  x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  d = str(tmp_path / "progs")
+  first = checkpoint.load_model(ckpt, check_shapes=False)
+  want = np.asarray(checkpoint.load_model(ckpt).logits(x))
+  fn = programs.compiled_infer(first, 2, 32, d)
+  np.testing.assert_allclose(np.asarray(fn(first.variables, x)), want, atol=1e-5)
+  xla = [f for f in os.listdir(d) if f.endswith(".xla")]
+  assert len(xla) == 1
+  fresh = checkpoint.load_model(ckpt, check_shapes=False)
+  again = programs.compiled_infer(fresh, 2, 32, d)
+  assert fresh.module is None  # loaded from the file: the network was never built
+  np.testing.assert_array_equal(np.asarray(again(fresh.variables, x)),
+                                np.asarray(fn(first.variables, x)))
+  path = os.path.join(d, xla[0])
+  blob = bytearray(open(path, "rb").read())
+  blob[-100] ^= 0xFF  # one flipped byte: the checksum no longer matches
+  open(path, "wb").write(bytes(blob))
+  damaged = checkpoint.load_model(ckpt, check_shapes=False)
+  fixed = programs.compiled_infer(damaged, 2, 32, d)
+  assert damaged.module is not None  # compiled again from the model
+  np.testing.assert_allclose(np.asarray(fixed(damaged.variables, x)), want, atol=1e-5)
+  assert open(path, "rb").read() != bytes(blob)  # replaced by a good one
+  # Another CPU (instruction set, XLA flags) gets another file.
+  sig = programs.machine_signature()
+  assert set(sig) >= {"cpu_flags", "xla_flags", "devices"}
+
+
+def test_recognizer_warm_load_uses_the_saved_executable(ckpt, tmp_path):
+  cache = str(tmp_path / "cache")
+  face = synthetic.render_face(3, 64, seed=2)
+  a = Recognizer.load(ckpt, cache=cache, detector="haar")
+  p1 = a.predict_faces([face])
+  b = Recognizer.load(ckpt, cache=cache, detector="haar")
+  p2 = b.predict_faces([face])
+  assert b.model.module is None and p1 == p2
+
+
+def test_checkpoint_reader_without_orbax_equals_orbax(ckpt, tmp_path):
+  """The tensorstore reader of save_variables' layout gives orbax's arrays; any other
+  layout falls back to orbax."""
+  import json
+  import shutil
+  import orbax.checkpoint as ocp
+  import jax
+  path = ckpt / "variables"
+  fast = checkpoint._read_plain_ocdbt(path)  # pylint: disable=protected-access
+  slow = ocp.StandardCheckpointer().restore(path.absolute())
+  fl, ft = jax.tree.flatten(fast)
+  sl, st = jax.tree.flatten(jax.tree.map(np.asarray, dict(slow)))
+  assert ft == st and len(fl) > 20
+  for a, b in zip(fl, sl):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  other = tmp_path / "other"
+  shutil.copytree(ckpt, other)
+  meta = json.loads((other / "variables" / "_METADATA").read_text())
+  meta["use_zarr3"] = True
+  (other / "variables" / "_METADATA").write_text(json.dumps(meta))
+  assert checkpoint._read_plain_ocdbt(other / "variables") is None  # pylint: disable=protected-access
+  shutil.rmtree(other / "variables" / "d")  # the data itself gone: orbax's error, named
+  with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
+    checkpoint.load_variables(other)
+
+
 def test_tile_grid_covers_the_image_with_overlap():
   assert detectors.tile_boxes(100, 60, 0) == [] and detectors.tile_boxes(100, 60, 1) == []
   tiles = detectors.tile_boxes(100, 60, 2)

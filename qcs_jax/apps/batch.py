@@ -17,6 +17,7 @@ import numpy as np
 from qcs_jax.apps import annotate, faces, images, media
 from qcs_jax.apps.detectors import Detection
 from qcs_jax.data.base import DataError
+from qcs_jax.data.video import VideoFrames
 
 
 def _stderr(msg: str) -> None:
@@ -73,8 +74,9 @@ class _Producer:
 
   def video(self, path: str) -> Iterator[_Picture | str]:
     sampled, missed, first = 0, 0, None
+    frames = VideoFrames(path, self.every)
     try:
-      for i, t, frame in media.video_frames(path, self.every):
+      for i, t, frame in frames:
         sampled += 1
         out = self.picture(frame, path, i, t)
         if isinstance(out, str):
@@ -89,6 +91,8 @@ class _Producer:
       yield f"{path}: no frames could be read from this video"
     elif missed:
       yield f"{path}: {missed} of {sampled} sampled frames gave no prediction (first: {first})"
+    if frames.problem:
+      yield frames.problem
 
   def __call__(self, paths: Sequence[str]) -> Iterator[_Picture | str]:
     problems: list[str] = []

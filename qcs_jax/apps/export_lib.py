@@ -64,7 +64,7 @@ def float32_model(loaded: Any) -> Any:
   from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
   cfg = dict(loaded.model_cfg, dtype="float32")
   model = build_model(cfg)
-  return dataclasses.replace(loaded, model=model, model_cfg=cfg, _infer=jax.jit(
+  return dataclasses.replace(loaded, module=model, model_cfg=cfg, _infer=jax.jit(
       lambda v, x: model.apply(v, x, method="infer")))
 
 

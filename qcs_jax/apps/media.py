@@ -6,7 +6,6 @@ import queue
 import threading
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-import numpy as np
 
 from qcs_jax.data.base import DataError
 
@@ -39,36 +38,6 @@ def find_inputs(paths: Sequence[str], on_problem: Callable[[str], None]) -> list
 
 def is_video(path: str) -> bool:
   return path.lower().endswith(VIDEO_EXTENSIONS)
-
-
-def video_frames(path: str, every: int = 1) -> Iterator[tuple[int, float | None, np.ndarray]]:
-  """(frame index, time in s, uint8 RGB frame) of every `every`-th frame.
-
-  Raises DataError if the video cannot be opened. The time is index / fps
-  (None when the container reports no frame rate).
-  """
-  import cv2  # pylint: disable=import-outside-toplevel
-  if every < 1:
-    raise ValueError(f"every must be >= 1, got {every}")
-  cap = cv2.VideoCapture(path)
-  try:
-    if not cap.isOpened():
-      raise DataError(f"{path}: cannot open this video (unknown format or codec)")
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-    i = 0
-    while True:
-      if i % every:
-        if not cap.grab():
-          break
-      else:
-        ok, frame = cap.read()
-        if not ok:
-          break
-        t = round(i / fps, 4) if fps > 0 else None
-        yield i, t, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-      i += 1
-  finally:
-    cap.release()
 
 
 _DONE = object()

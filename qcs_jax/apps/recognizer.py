@@ -135,17 +135,13 @@ class Recognizer:
 
   def _run(self, x: np.ndarray) -> Any:
     m = self.model
-    if self._program_dir is None or not hasattr(m, "model") or not hasattr(m, "variables"):
+    from qcs_jax.checkpoint import LoadedModel  # pylint: disable=import-outside-toplevel
+    if self._program_dir is None or not isinstance(m, LoadedModel):
       return m.logits(x)
     b = len(x)
     if b not in self._programs:
       from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
-      try:
-        self._programs[b] = programs.exported_infer(m.model, m.variables, m.model_cfg, b,
-                                                    self.img_size, self._program_dir)
-      except ImportError:  # jax.export's serialization needs flatbuffers: trace as usual
-        self._program_dir = None
-        return m.logits(x)
+      self._programs[b] = programs.compiled_infer(m, b, self.img_size, self._program_dir)
     return self._programs[b](m.variables, np.asarray(x, np.float32))
 
   def _logits(self, x: np.ndarray) -> Any:

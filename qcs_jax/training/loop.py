@@ -133,6 +133,9 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       start_step=meta["step_in_epoch"], num_epochs=max(cfg.train.epochs - meta["epoch"], 1),
       part=part)
   failed = False
+  # Bad training images replaced so far; kept in the checkpoint's meta so a resumed run
+  # counts the same events as an uninterrupted one (the replayed steps recount theirs).
+  skipped_before = int(meta.get("train_skipped", 0))
   try:
     for epoch in range(meta["epoch"], cfg.train.epochs):
       start = meta["step_in_epoch"] if epoch == meta["epoch"] else 0
@@ -168,7 +171,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           _check_finite(pending, epoch, mngr)
           pending = []
           meta.update(global_step=gstep, epoch=epoch, step_in_epoch=i + 1,
-                      data=batches.get_state())
+                      data=batches.get_state(),
+                      train_skipped=skipped_before + batches.num_skipped)
           save_checkpoint(mngr, state, meta)
         if cfg.train.stop_after_steps and gstep >= cfg.train.stop_after_steps:
           mngr.wait_until_finished()
@@ -178,12 +182,18 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       _advance(bar, steps)
       bar.close()
       # Evaluation of the test split (inference path only) after each epoch.
-      labels, preds, _, _ = evaluate(eval_step, state.variables, pipeline.eval_batches(
-          test_src, cfg.data, cfg.model.img_size, eval_bs, part), cfg.model.num_classes, mesh)
+      test_batches = pipeline.eval_batches(test_src, cfg.data, cfg.model.img_size, eval_bs, part)
+      labels, preds, _, _ = evaluate(eval_step, state.variables, test_batches,
+                                     cfg.model.num_classes, mesh)
       cm = metrics_lib.confusion_matrix(labels, preds, cfg.model.num_classes)
       summary = metrics_lib.summarize(cm, test_src.class_names)
       row = {"kind": "eval", "step": (epoch + 1) * steps, "epoch": epoch + 1,
              **{k: v for k, v in summary.items() if k != "per_class"}}
+      skipped = {"train_skipped": skipped_before + batches.num_skipped,
+                 "test_skipped": test_batches.num_skipped}
+      if any(skipped.values()):  # rows of clean runs stay as they were
+        row.update(skipped)
+        say(_skipped_line(skipped), flush=True)
       metrics_log.write(row)
       improved = summary["accuracy"] > meta["best_accuracy"]
       say(f"epoch {epoch + 1}: test accuracy {100 * summary['accuracy']:.2f}% "
@@ -203,7 +213,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                              os.path.join(workdir, "best_confusion.png"),
                              f"epoch {epoch + 1}: {100 * summary['accuracy']:.2f}%")
       meta.update(global_step=(epoch + 1) * steps, epoch=epoch + 1, step_in_epoch=0,
-                  data=batches.get_state())
+                  data=batches.get_state(), train_skipped=skipped_before + batches.num_skipped)
       save_checkpoint(mngr, state, meta)
       if writer:
         plots.plot_curves(metrics_log.path, os.path.join(workdir, "curves.png"))
@@ -220,6 +230,14 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     # from closing (e.g. TensorBoard's flush on a full disk) must not mask it.
     _close_all((metrics_log.close, mngr.wait_until_finished, mngr.close), workdir, mngr,
                quiet=failed)
+
+
+def _skipped_line(skipped: dict) -> str:
+  """One line of bad-image totals (data.on_bad_image=skip); each file was logged once."""
+  return (f"bad images skipped (data.on_bad_image='skip'): {skipped['train_skipped']} training "
+          f"draws so far, each replaced by another image of its class; "
+          f"{skipped['test_skipped']} test images, not counted in this epoch's accuracy "
+          "(each file and its reason is in the log above)")
 
 
 def _close_all(closers, workdir: str, mngr, quiet: bool) -> None:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qcs_jax import fast_read
+
 FORMAT = 'qcs_jax.variables/1'
 _TUPLE_FIELDS = ('stage_channels', 'stage_units')
 
@@ -153,52 +155,20 @@ def _check_shapes(variables: Mapping[str, Any], model_cfg: dict[str, Any],
         f'{where}: variables do not match its model config ({"; ".join(problems)})')
 
 
-def _read_plain_ocdbt(path: pathlib.Path) -> dict[str, Any] | None:
-  """The arrays of an orbax StandardCheckpointer folder, read with tensorstore alone.
-
-  Importing orbax costs ~0.5-1 s, a third of a warm `predict`; the layout
-  save_variables writes (OCDBT, zarr v2, a tree of dict keys, numpy leaves) is
-  simple enough to read directly. None for any other layout or on any error:
-  the caller then restores through orbax, which also explains failures.
-  """
-  try:
-    import tensorstore as ts  # pylint: disable=import-outside-toplevel
-    meta = json.loads((path / '_METADATA').read_text())
-    if not meta.get('use_ocdbt') or meta.get('use_zarr3'):
-      return None
-    keys = []
-    for entry in meta['tree_metadata'].values():
-      if entry['value_metadata'].get('value_type') != 'np.ndarray' or any(
-          k.get('key_type') != 2 for k in entry['key_metadata']):
-        return None
-      keys.append(tuple(str(k['key']) for k in entry['key_metadata']))
-    base = {'driver': 'ocdbt', 'base': path.as_uri() + '/'}
-    ctx = ts.Context()
-    opened = [ts.open({'driver': 'zarr', 'kvstore': dict(base, path='.'.join(k) + '/')},
-                      open=True, read=True, context=ctx) for k in keys]
-    reads = [o.result().read() for o in opened]
-    out: dict[str, Any] = {}
-    for k, r in zip(keys, reads):
-      node = out
-      for part in k[:-1]:
-        node = node.setdefault(part, {})
-      node[k[-1]] = np.asarray(r.result())
-    return out
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def load_variables(directory: str | os.PathLike, check_shapes: bool = True
+def load_variables(directory: str | os.PathLike, check_shapes: bool = True,
+                   arrays: dict[str, Any] | None = None
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
   """DIR -> (variables {'params', 'batch_stats'} of numpy arrays, model cfg).
 
   The variables are checked against the model config saved with them
   (check_shapes=False skips that: it traces the whole model, ~1 s at paper
   size; check_variables() does it later, e.g. when the model fails to run).
+  arrays: DIR/variables already read by fast_read (e.g. in a thread while JAX
+  was imported); None reads them here.
   """
   meta = read_metadata(directory)
   path = pathlib.Path(directory).absolute() / 'variables'
-  variables = _read_plain_ocdbt(path)
+  variables = arrays if arrays is not None else fast_read.read_arrays(path)
   if variables is None:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     try:
@@ -253,17 +223,17 @@ class LoadedModel:
     return self._infer(self.variables, jnp.asarray(images, jnp.float32))
 
 
-def load_model(directory: str | os.PathLike,
-               check_shapes: bool = True) -> LoadedModel:
+def load_model(directory: str | os.PathLike, check_shapes: bool = True,
+               arrays: dict[str, Any] | None = None) -> LoadedModel:
   """DIR -> LoadedModel (model, variables, model_cfg, class_names, logits).
 
-  check_shapes: see load_variables.
+  check_shapes, arrays: see load_variables.
   """
   meta = read_metadata(directory)
   if meta.get('kind') == 'backbone':
     raise CheckpointError(
         f'{directory} holds only an IR50 backbone (a training init, see '
         'config.init.backbone), not a whole model')
-  variables, model_cfg = load_variables(directory, check_shapes)
+  variables, model_cfg = load_variables(directory, check_shapes, arrays)
   return LoadedModel(module=None, variables=jax.device_put(variables), model_cfg=model_cfg,
                      class_names=meta.get('class_names'), metadata=meta)

@@ -3,12 +3,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import Recognizer, checkpoint, runtime
+from qcs_jax import Recognizer, checkpoint, fast_read, runtime
 from qcs_jax.apps import detectors, faces, images
 from qcs_jax.apps.throughput import random_variables
 from qcs_jax.data import synthetic, transforms
@@ -289,7 +290,9 @@ def test_exported_program_is_reused_and_matches_the_model(ckpt, tmp_path, monkey
 def test_compiled_program_is_reused_without_flax_or_tracing(ckpt, tmp_path):
   """compiled_infer keeps the executable: a fresh load runs it with no Flax module built
   (so no trace, no lowering); a damaged file is recompiled and replaced, not loaded."""
+  import jax
   from qcs_jax.apps import programs
+  jax.clear_caches()  # as in a fresh process: no in-memory executable of this program
   x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
   d = str(tmp_path / "progs")
   first = checkpoint.load_model(ckpt, check_shapes=False)
@@ -317,7 +320,31 @@ def test_compiled_program_is_reused_without_flax_or_tracing(ckpt, tmp_path):
   assert set(sig) >= {"cpu_flags", "xla_flags", "devices"}
 
 
+def test_saved_executable_that_fails_to_run_is_replaced(ckpt, tmp_path):
+  """A file whose executable cannot run (e.g. saved without its machine code) is removed
+  and the program compiled again on its first use; the answer is unchanged."""
+  from qcs_jax.apps import programs
+  x = np.random.default_rng(2).standard_normal((1, 32, 32, 3)).astype(np.float32)
+  d = str(tmp_path / "progs")
+  loaded = checkpoint.load_model(ckpt, check_shapes=False)
+  want = np.asarray(programs.compiled_infer(loaded, 1, 32, d)(loaded.variables, x))
+  fresh = checkpoint.load_model(ckpt, check_shapes=False)
+  prog = programs.load_compiled(fresh, 1, 32, d)
+  calls = []
+
+  def broken(*args):
+    calls.append(1)
+    raise jax.errors.JaxRuntimeError("NOT_FOUND: Function add_rsqrt_fusion not found")
+  prog.compiled = broken
+  got = np.asarray(prog(fresh.variables, x))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert calls == [1] and prog.checked and prog.compiled is not broken
+  assert len([f for f in os.listdir(d) if f.endswith(".xla")]) == 1  # saved again
+
+
 def test_recognizer_warm_load_uses_the_saved_executable(ckpt, tmp_path):
+  import jax
+  jax.clear_caches()  # as in a fresh process
   cache = str(tmp_path / "cache")
   face = synthetic.render_face(3, 64, seed=2)
   a = Recognizer.load(ckpt, cache=cache, detector="haar")
@@ -335,7 +362,7 @@ def test_checkpoint_reader_without_orbax_equals_orbax(ckpt, tmp_path):
   import orbax.checkpoint as ocp
   import jax
   path = ckpt / "variables"
-  fast = checkpoint._read_plain_ocdbt(path)  # pylint: disable=protected-access
+  fast = fast_read.read_arrays(path)
   slow = ocp.StandardCheckpointer().restore(path.absolute())
   fl, ft = jax.tree.flatten(fast)
   sl, st = jax.tree.flatten(jax.tree.map(np.asarray, dict(slow)))
@@ -348,7 +375,7 @@ def test_checkpoint_reader_without_orbax_equals_orbax(ckpt, tmp_path):
   meta = json.loads((other / "variables" / "_METADATA").read_text())
   meta["use_zarr3"] = True
   (other / "variables" / "_METADATA").write_text(json.dumps(meta))
-  assert checkpoint._read_plain_ocdbt(other / "variables") is None  # pylint: disable=protected-access
+  assert fast_read.read_arrays(other / "variables") is None
   shutil.rmtree(other / "variables" / "d")  # the data itself gone: orbax's error, named
   with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
     checkpoint.load_variables(other)

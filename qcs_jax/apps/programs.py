@@ -103,6 +103,79 @@ def _save_atomic(path: str, data: bytes) -> None:
     pass  # a read-only or full cache: keep going without saving
 
 
+def _executable_file(loaded: Any, batch: int, img_size: int, directory: str) -> str:
+  key = hashlib.sha256(json.dumps(
+      [program_key(loaded.model_cfg, loaded.variables, batch, img_size), machine_signature()],
+      sort_keys=True).encode()).hexdigest()[:32]
+  return os.path.join(directory, f"infer-{key}.xla")
+
+
+def load_compiled(loaded: Any, batch: int, img_size: int, directory: str) -> Any | None:
+  """The saved executable compiled_infer would use, or None if there is no good one."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import serialize_executable as se  # pylint: disable=import-outside-toplevel
+  # The argument and result structures: rebuilt here, so the file is only bytes.
+  in_tree = jax.tree.structure(((loaded.variables, 0), {}))
+  out_tree = jax.tree.structure(0)
+  path = _executable_file(loaded, batch, img_size, directory)
+  try:
+    with open(path, "rb") as f:
+      blob = f.read()
+    n = len(_MAGIC)
+    head, digest, payload = blob[:n], blob[n:n + 32], blob[n + 32:]
+    if head == _MAGIC and hashlib.sha256(payload).digest() == digest:
+      return _FirstRunChecked(
+          se.deserialize_and_load(payload, in_tree, out_tree,
+                                  execution_devices=jax.local_devices()[:1]),
+          path, lambda: compiled_infer(loaded, batch, img_size, directory))
+  except (OSError, ValueError, RuntimeError):  # absent or unloadable: compile it again
+    pass
+  return None
+
+
+class _FirstRunChecked:
+  """A saved executable whose first run is awaited: if it fails (e.g. a file written by
+  an older version without its machine code), the file is removed and the program
+  compiled again, once."""
+
+  def __init__(self, compiled: Any, path: str, recompile: Callable[[], Any]):
+    self.compiled, self.path, self.recompile, self.checked = compiled, path, recompile, False
+
+  def __call__(self, variables: Any, x: Any) -> Any:
+    if self.checked:
+      return self.compiled(variables, x)
+    import jax  # pylint: disable=import-outside-toplevel
+    try:
+      out = jax.block_until_ready(self.compiled(variables, x))
+    except jax.errors.JaxRuntimeError:
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+      self.compiled = self.recompile()
+      out = self.compiled(variables, x)
+    self.checked = True
+    return out
+
+
+def _compile_uncached(lowered: Any) -> Any | None:
+  """lowered.compile() by XLA itself: not from JAX's persistent cache (off meanwhile), nor
+  its in-memory one (a default-valued option changes the key, not the program); None on
+  failure."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
+  was = jax.config.jax_enable_compilation_cache
+  try:
+    cc.reset_cache()  # JAX decides once per process whether its cache is used
+    jax.config.update("jax_enable_compilation_cache", False)
+    return lowered.compile(compiler_options={"xla_cpu_enable_fast_math": False})
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+    cc.reset_cache()
+
+
 def compiled_infer(loaded: Any, batch: int, img_size: int,
                    directory: str) -> Callable[[Any, Any], Any]:
   """f(variables, x (batch, S, S, 3) float32) -> logits: the compiled inference program of
@@ -113,26 +186,11 @@ def compiled_infer(loaded: Any, batch: int, img_size: int,
   __pycache__), the folder must be the user's own: an executable runs as code.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental import serialize_executable as se  # pylint: disable=import-outside-toplevel
+  found = load_compiled(loaded, batch, img_size, directory)
+  if found is not None:
+    return found
   variables = loaded.variables
   x_spec = jax.ShapeDtypeStruct((batch, img_size, img_size, 3), np.float32)
-  key = hashlib.sha256(json.dumps(
-      [program_key(loaded.model_cfg, variables, batch, img_size), machine_signature()],
-      sort_keys=True).encode()).hexdigest()[:32]
-  path = os.path.join(directory, f"infer-{key}.xla")
-  # The argument and result structures: rebuilt here, so the file is only bytes.
-  in_tree = jax.tree.structure(((variables, 0), {}))
-  out_tree = jax.tree.structure(0)
-  try:
-    with open(path, "rb") as f:
-      blob = f.read()
-    head, digest, payload = blob[:len(_MAGIC)], blob[len(_MAGIC):len(_MAGIC) + 32], \
-        blob[len(_MAGIC) + 32:]
-    if head == _MAGIC and hashlib.sha256(payload).digest() == digest:
-      return se.deserialize_and_load(payload, in_tree, out_tree,
-                                     execution_devices=jax.local_devices()[:1])
-  except (OSError, ValueError, RuntimeError):  # absent or unloadable: compile it again
-    pass
   try:
     traced = exported_infer(loaded.model, variables, loaded.model_cfg, batch, img_size,
                             directory)
@@ -141,18 +199,19 @@ def compiled_infer(loaded: Any, batch: int, img_size: int,
     traced = jax.jit(lambda v, x: model.apply(v, x, method="infer"))
   spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype)  # noqa: E731
   lowered = traced.lower(jax.tree.map(spec, variables), x_spec)
-  # An executable taken from JAX's persistent cache serializes without its machine code
-  # (jaxlib 0.10: "Function ... not found" when the copy runs): compile this one afresh.
-  was = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    compiled = lowered.compile()
-  finally:
-    jax.config.update("jax_enable_compilation_cache", was)
-  if compiled.in_tree == in_tree and compiled.out_tree == out_tree:
+  # An executable that JAX took from its persistent cache serializes without its machine
+  # code (jaxlib 0.10: "Function ... not found" when a copy runs in another process, while
+  # a copy in this process still finds it). So the program is compiled by XLA itself.
+  compiled = _compile_uncached(lowered)
+  if compiled is None:
+    return lowered.compile()  # not saved: nothing guarantees the copy would run
+  if (compiled.in_tree == jax.tree.structure(((variables, 0), {}))
+      and compiled.out_tree == jax.tree.structure(0)):
+    from jax.experimental import serialize_executable as se  # pylint: disable=import-outside-toplevel
     try:
       payload, _, _ = se.serialize(compiled)
-      _save_atomic(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+      _save_atomic(_executable_file(loaded, batch, img_size, directory),
+                   _MAGIC + hashlib.sha256(payload).digest() + payload)
     except Exception:  # pylint: disable=broad-except
-      pass  # a backend that cannot serialize executables: the XLA cache still helps
+      pass  # a backend that cannot serialize executables: JAX's cache still helps
   return compiled

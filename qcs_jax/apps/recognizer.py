@@ -18,6 +18,7 @@ runtime.enable_compilation_cache) makes a fresh process load them from disk.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from typing import Any, Iterable, Sequence
@@ -94,6 +95,7 @@ class Recognizer:
     self._unchecked: str | None = None  # checkpoint dir whose shapes were not checked
     self._program_dir: str | None = None  # where exported inference programs are kept
     self._programs: dict[int, Any] = {}
+    self._pending: concurrent.futures.Future | None = None  # batch-1 program being loaded
 
   @classmethod
   def load(cls, path: str | os.PathLike, *, cache: bool | str = True,
@@ -103,15 +105,29 @@ class Recognizer:
     cache: JAX's persistent compilation cache: True (the per-user default,
     runtime.default_cache_dir), a folder, or False (off).
     """
+    from qcs_jax import fast_read  # pylint: disable=import-outside-toplevel
+    directory = resolve_checkpoint(path)
+    # Start-up in parallel: the weights are read while JAX is imported, and a saved
+    # batch-1 executable is loaded while the detector is built.
+    arrays = fast_read.start(directory)
     from qcs_jax import checkpoint, runtime  # pylint: disable=import-outside-toplevel
     cache_dir = runtime.enable_compilation_cache(cache)
-    directory = resolve_checkpoint(path)
     # The shape check traces the whole model (~1 s at paper size): it runs only
     # if the model fails to run (classify_prepared), to explain why.
-    rec = cls(checkpoint.load_model(directory, check_shapes=False), **kwargs)
+    loaded = checkpoint.load_model(directory, check_shapes=False, arrays=arrays.result())
+    pending = None
+    if cache_dir:  # compiled programs (programs.py), beside JAX's compilation cache
+      program_dir = os.path.join(cache_dir, "qcs_jax_programs")
+      from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
+      size = int(loaded.model_cfg.get("img_size", 224))
+      pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qcs_program")
+      pending = pool.submit(programs.load_compiled, loaded, 1, size, program_dir)
+      pool.shutdown(wait=False)
+    rec = cls(loaded, **kwargs)
     rec._unchecked = directory
-    if cache_dir:  # traced programs too (programs.py), beside the compiled ones
-      rec._program_dir = os.path.join(cache_dir, "qcs_jax_programs")
+    if cache_dir:
+      rec._program_dir = program_dir
+      rec._pending = pending
     return rec
 
   # --------------------------------------------------------------------------- model
@@ -139,6 +155,10 @@ class Recognizer:
     if self._program_dir is None or not isinstance(m, LoadedModel):
       return m.logits(x)
     b = len(x)
+    if b == 1 and self._pending is not None:  # loaded in the background by load()
+      found, self._pending = self._pending.result(), None
+      if found is not None:
+        self._programs[1] = found
     if b not in self._programs:
       from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
       self._programs[b] = programs.compiled_infer(m, b, self.img_size, self._program_dir)

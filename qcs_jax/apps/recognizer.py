@@ -102,8 +102,9 @@ class Recognizer:
            **kwargs: Any) -> "Recognizer":
     """A checkpoint directory or training workdir -> Recognizer (kwargs: see the class).
 
-    cache: JAX's persistent compilation cache: True (the per-user default,
-    runtime.default_cache_dir), a folder, or False (off).
+    cache: where compiled programs are kept (JAX's persistent compilation cache
+    and the saved inference executables, programs.py): True (the per-user
+    default, runtime.default_cache_dir), a folder, or False (neither).
     """
     from qcs_jax import fast_read  # pylint: disable=import-outside-toplevel
     directory = resolve_checkpoint(path)

@@ -140,6 +140,10 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
     ax.set_xlabel("confound strength p (train split; test split independent)")
     ax.set_xticks(strengths)
   ax.set_ylabel("test accuracy (%), last epoch")
+  if rows and rows[0].get("settings", {}).get("data") == "synthetic":
+    from qcs_jax.data.synthetic import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+    ax.axhline(100 / len(CLASS_NAMES), color="gray", ls="--", lw=1,
+               label=f"chance (1/{len(CLASS_NAMES)})")
   seeds = max((s["n"] for s in stats.values()), default=0)
   ax.set_title(title or f"mean ± std over {seeds} seed(s); dots: single runs", fontsize=9)
   ax.grid(alpha=0.3)

@@ -10,14 +10,6 @@ from qcs_jax.models import conv as C
 CASES = [(9, 3, 5, 3, 1, 1), (8, 4, 6, 3, 2, 1), (7, 2, 3, 1, 1, 0), (10, 3, 4, 3, 1, 0)]
 
 
-@pytest.fixture
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', prev)
-
-
 def _grads(fn, x, w, s, p):
   dn = lax.conv_dimension_numbers(x.shape, w.shape, C.NHWC)
   loss = lambda x, w: jnp.sum(jnp.sin(fn(x, w, (s, s), ((p, p), (p, p)),  # noqa: E731

@@ -13,14 +13,6 @@ TINY = dict(img_size=64, stage_channels=(8, 16, 32), stage_units=(1, 1, 2), embe
             num_heads=2, num_classes=5, base_depth=1, name='qcs', csa='sd')
 
 
-@pytest.fixture
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', prev)
-
-
 def backbone_grads(remat: str, variables, x):
   """Loss, parameter gradients and new BatchNorm statistics of a train-mode IR50."""
   net = IR50(32, (4, 8, 8), (1, 2, 1), remat=remat)

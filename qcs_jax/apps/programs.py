@@ -63,14 +63,7 @@ def exported_infer(module: Any, variables: Any, model_cfg: dict, batch: int, img
     fn = jax.jit(lambda v, x: module.apply(v, x, method="infer"))
     exp = export.export(fn)(jax.tree.map(spec, variables),
                             jax.ShapeDtypeStruct((batch, img_size, img_size, 3), np.float32))
-    try:
-      os.makedirs(directory, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(prefix=".infer-", dir=directory)
-      with os.fdopen(fd, "wb") as f:
-        f.write(exp.serialize())
-      os.replace(tmp, path)
-    except OSError:
-      pass  # a read-only cache: keep going without saving
+    _save_atomic(path, bytes(exp.serialize()))
   return jax.jit(exp.call)
 
 
@@ -93,6 +86,8 @@ def machine_signature() -> dict:
 
 
 def _save_atomic(path: str, data: bytes) -> None:
+  """Writes path via a temporary file and a rename; a read-only or full cache is skipped."""
+  tmp = None
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
@@ -100,7 +95,8 @@ def _save_atomic(path: str, data: bytes) -> None:
       f.write(data)
     os.replace(tmp, path)
   except OSError:
-    pass  # a read-only or full cache: keep going without saving
+    if tmp and os.path.exists(tmp):
+      os.remove(tmp)  # a full disk: no half-written file left behind
 
 
 def _executable_file(loaded: Any, batch: int, img_size: int, directory: str) -> str:

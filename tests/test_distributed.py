@@ -1,6 +1,7 @@
 """Multi-process training for real: 2 local processes over 127.0.0.1 (gloo) against one
 process with the same 2 devices; per-process batch parts; kill one process, rerun all."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,38 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import tiny_train_config  # noqa: E402  pylint: disable=wrong-import-position
 
 TIMEOUT_S = 900
+
+
+# XLA:CPU starts the collectives of one program in a fixed order but lets them overlap
+# (its execution graph gives them "scheduling" edges only), and gloo pairs overlapping
+# messages by arrival: under heavy load two all-reduces of a train step can be crossed and
+# gloo aborts ("collective mismatch"). Nothing is lost (the rerun resumes exactly, as the
+# kill test shows), so a run that dies with this signature, and only this, is run again.
+GLOO_RACE = ("Received data size doesn't match expected size",
+             "Is there a distributed collective mismatch")
+RACE_RETRIES = 2
+
+
+def _finish(procs) -> tuple[int, list[str]]:
+  """Waits for the processes (the launcher's rule: one fails, the rest are stopped);
+  returns the exit status and what each printed."""
+  code = distributed.wait_all(procs, TIMEOUT_S)
+  return code, [p.stdout.read().decode(errors="replace") for p in procs]
+
+
+def _gloo_race(outs: list[str]) -> bool:
+  return any(sig in out for out in outs for sig in GLOO_RACE)
+
+
+def _tail(procs, outs: list[str], n=2500) -> str:
+  """What each process printed before it failed: the text ahead of faulthandler's thread
+  dump (whose stacks would crowd out the C++ message that says why it aborted)."""
+  parts = []
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    head, sep, rest = out.partition("Fatal Python error")
+    parts.append(f"--- process {i} (exit {p.returncode}) ---\n{head[-n:]}{sep}"
+                 f"{rest.splitlines()[0] if sep else ''}")
+  return "\n".join(parts)
 
 
 def _train_cmd(workdir, *extra):
@@ -46,10 +79,13 @@ def runs(tmp_path_factory):
   one, two = str(root / "one"), str(root / "two")
   single = subprocess.Popen(_train_cmd(one), env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-  procs = _launch(two)
-  code = distributed.wait_all(procs, TIMEOUT_S)
-  out = [p.stdout.read().decode() for p in procs]
-  assert code == 0, out[0][-3000:] + out[1][-3000:]
+  for attempt in range(RACE_RETRIES + 1):
+    procs = _launch(two)
+    code, out = _finish(procs)
+    if code == 0:
+      break
+    assert attempt < RACE_RETRIES and _gloo_race(out), _tail(procs, out)
+    shutil.rmtree(two)  # a fresh start: the files are compared with a clean run's
   single_out = single.communicate(timeout=TIMEOUT_S)[0].decode()
   assert single.returncode == 0, single_out[-3000:]
   return one, two, out
@@ -83,21 +119,30 @@ def test_only_process_zero_writes(runs):
 def test_kill_one_process_then_rerun_all_resumes_exactly(runs, tmp_path):
   one = runs[0]
   killed = str(tmp_path / "killed")
-  procs = _launch(killed)
   ck = os.path.join(killed, "checkpoints")
-  deadline = time.time() + TIMEOUT_S
-  while time.time() < deadline and all(p.poll() is None for p in procs):
-    if os.path.isdir(ck) and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ck)):
+  for attempt in range(RACE_RETRIES + 1):
+    procs = _launch(killed)
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if os.path.isdir(ck) and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ck)):
+        break
+      time.sleep(0.05)
+    if all(p.poll() is None for p in procs):
       break
-    time.sleep(0.05)
-  assert all(p.poll() is None for p in procs), "the run ended before the kill"
+    code, out = _finish(procs)  # ended before the kill: only the gloo race may explain it
+    assert attempt < RACE_RETRIES and _gloo_race(out), "the run ended before the kill\n" + \
+        _tail(procs, out)
+    shutil.rmtree(killed)
   procs[1].send_signal(signal.SIGKILL)
-  code = distributed.wait_all(procs, TIMEOUT_S)  # the launcher's rule: stop the others
+  code, _ = _finish(procs)  # the launcher's rule: stop the others
   assert code != 0 and all(p.returncode is not None for p in procs)
-  procs = _launch(killed)
-  code = distributed.wait_all(procs, TIMEOUT_S)
-  out = procs[0].stdout.read().decode()
-  assert code == 0, out[-3000:]
+  for attempt in range(RACE_RETRIES + 1):
+    procs = _launch(killed)
+    code, outs = _finish(procs)
+    if code == 0:
+      break
+    assert attempt < RACE_RETRIES and _gloo_race(outs), _tail(procs, outs)
+  out = outs[0]
   assert "resuming" in out
   got = faults.compare(one, killed)
   assert got["weights_exact"] and got["best_exact"], got

@@ -188,3 +188,25 @@ def test_environment_is_checked():
                                                 "--xla_force_host_platform_device_count=8"})
   assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=3"
   assert (env["JAX_PROCESS_ID"], env["JAX_NUM_PROCESSES"]) == ("1", "2")
+
+
+_FAILS_ONCE = """
+import os, sys, time
+marker = sys.argv[1]
+if os.environ["JAX_PROCESS_ID"] == "1" and not os.path.exists(marker):
+  open(marker, "w").close()
+  sys.exit(3)
+time.sleep(0.3)
+"""
+
+
+def test_launcher_restarts_all_processes_after_a_failure(tmp_path, capfd):
+  marker = str(tmp_path / "failed_once")
+  cmd = [sys.executable, "-c", _FAILS_ONCE, marker]
+  assert distributed.run_local(cmd, 2, restarts=0) == 3  # no restarts: the failure stands
+  os.remove(marker)
+  assert distributed.run_local(cmd, 2, restarts=1) == 0
+  assert os.path.exists(marker)
+  assert "starting all 2 again (1 of 1 restarts)" in capfd.readouterr().err
+  with pytest.raises(ValueError, match="restarts must be >= 0, got -1"):
+    distributed.run_local(cmd, 2, restarts=-1)

@@ -12,7 +12,8 @@ when SLURM describes a job of several tasks (JAX reads SLURM's own variables).
 Launcher: ``python -m qcs_jax.training.distributed --processes 2 -- --config
 configs/synthetic.py --workdir runs/x`` starts P local ``qcs_jax.train``
 processes on CPU over 127.0.0.1 (gloo collectives); if one dies, the others are
-stopped, so a rerun of the same command resumes the whole job.
+stopped, so a rerun of the same command resumes the whole job (``--restarts N``
+does that rerun itself, up to N times).
 """
 from __future__ import annotations
 
@@ -142,6 +143,27 @@ def wait_all(procs: Sequence[subprocess.Popen], timeout_s: float | None = None) 
     raise
 
 
+def run_local(command: Sequence[str], processes: int, devices_per_process: int = 1,
+              restarts: int = 0, port: int | None = None, **popen_kw) -> int:
+  """Runs the job; when a process fails, stops the others and, up to `restarts`
+  times, starts them all again (training resumes from its last checkpoint).
+
+  Each start takes a fresh coordinator port unless `port` is given. Returns 0 or
+  the last failing status.
+  """
+  if restarts < 0:
+    raise ValueError(f"restarts must be >= 0, got {restarts}")
+  code = 0
+  for attempt in range(restarts + 1):
+    code = wait_all(start_local(command, processes, devices_per_process, port, **popen_kw))
+    if code == 0 or attempt == restarts:
+      return code
+    print(f"a training process exited with status {code}; the others were stopped; "
+          f"starting all {processes} again ({attempt + 1} of {restarts} restarts)",
+          file=sys.stderr, flush=True)
+  return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m qcs_jax.training.distributed",
@@ -150,16 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--processes", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=1)
   parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
+  parser.add_argument("--restarts", type=int, default=0,
+                      help="when a process dies, start all again (resuming) up to N times")
   parser.add_argument("train_args", nargs=argparse.REMAINDER)
   args = parser.parse_args(argv)
   rest = [a for a in args.train_args if a != "--"]
   try:
-    procs = start_local([sys.executable, "-m", "qcs_jax.train", *rest], args.processes,
-                        args.devices_per_process, args.port or None)
+    code = run_local([sys.executable, "-m", "qcs_jax.train", *rest], args.processes,
+                     args.devices_per_process, args.restarts, args.port or None)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  code = wait_all(procs)
   if code:
     print(f"error: a training process exited with status {code}; the others were "
           f"stopped. Rerun the same command to resume.", file=sys.stderr)

@@ -43,6 +43,20 @@ def _gloo_race(outs: list[str]) -> bool:
   return any(sig in out for out in outs for sig in GLOO_RACE)
 
 
+def _run_to_end(workdir: str, fresh: bool) -> list[str]:
+  """Runs the 2-process job until it ends well; a run killed by the gloo race (and only
+  that) is run again: afresh (fresh=True) or resuming. Returns what each process printed."""
+  for attempt in range(RACE_RETRIES + 1):
+    procs = _launch(workdir)
+    code, outs = _finish(procs)
+    if code == 0:
+      return outs
+    assert attempt < RACE_RETRIES and _gloo_race(outs), _tail(procs, outs)
+    if fresh:
+      shutil.rmtree(workdir)
+  raise AssertionError("unreachable")
+
+
 def _tail(procs, outs: list[str], n=2500) -> str:
   """What each process printed before it failed: the text ahead of faulthandler's thread
   dump (whose stacks would crowd out the C++ message that says why it aborted)."""
@@ -79,13 +93,7 @@ def runs(tmp_path_factory):
   one, two = str(root / "one"), str(root / "two")
   single = subprocess.Popen(_train_cmd(one), env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-  for attempt in range(RACE_RETRIES + 1):
-    procs = _launch(two)
-    code, out = _finish(procs)
-    if code == 0:
-      break
-    assert attempt < RACE_RETRIES and _gloo_race(out), _tail(procs, out)
-    shutil.rmtree(two)  # a fresh start: the files are compared with a clean run's
+  out = _run_to_end(two, fresh=True)  # afresh: its files are compared with a clean run's
   single_out = single.communicate(timeout=TIMEOUT_S)[0].decode()
   assert single.returncode == 0, single_out[-3000:]
   return one, two, out
@@ -136,13 +144,7 @@ def test_kill_one_process_then_rerun_all_resumes_exactly(runs, tmp_path):
   procs[1].send_signal(signal.SIGKILL)
   code, _ = _finish(procs)  # the launcher's rule: stop the others
   assert code != 0 and all(p.returncode is not None for p in procs)
-  for attempt in range(RACE_RETRIES + 1):
-    procs = _launch(killed)
-    code, outs = _finish(procs)
-    if code == 0:
-      break
-    assert attempt < RACE_RETRIES and _gloo_race(outs), _tail(procs, outs)
-  out = outs[0]
+  out = _run_to_end(killed, fresh=False)[0]
   assert "resuming" in out
   got = faults.compare(one, killed)
   assert got["weights_exact"] and got["best_exact"], got

@@ -153,15 +153,15 @@ def run_local(command: Sequence[str], processes: int, devices_per_process: int =
   """
   if restarts < 0:
     raise ValueError(f"restarts must be >= 0, got {restarts}")
-  code = 0
-  for attempt in range(restarts + 1):
+  attempt = 0
+  while True:
     code = wait_all(start_local(command, processes, devices_per_process, port, **popen_kw))
     if code == 0 or attempt == restarts:
       return code
+    attempt += 1
     print(f"a training process exited with status {code}; the others were stopped; "
-          f"starting all {processes} again ({attempt + 1} of {restarts} restarts)",
+          f"starting all {processes} again ({attempt} of {restarts} restarts)",
           file=sys.stderr, flush=True)
-  return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

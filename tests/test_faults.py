@@ -78,14 +78,19 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(reference, tmp_path
 
 
 def _fill(path):
-  """Writes zeros to path until the file system is full."""
-  with open(path, "wb") as f:
-    try:
-      while True:
-        f.write(b"\0" * (1 << 16))
-        f.flush()
-    except OSError as e:
-      assert e.errno == errno.ENOSPC
+  """Writes zeros to path until the file system is full.
+
+  Unbuffered on purpose: a buffered file keeps the bytes a short write left behind
+  and raises ENOSPC again when it is closed (that failed CI once)."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+  block = b"\0" * (1 << 16)
+  try:
+    while True:
+      os.write(fd, block)  # a short write is fine: the next one raises ENOSPC
+  except OSError as e:
+    assert e.errno == errno.ENOSPC, e
+  finally:
+    os.close(fd)
 
 
 def _tmpfs(where, size="64m"):

@@ -7,7 +7,8 @@ from jax import lax
 
 from qcs_jax.models import conv as C
 
-CASES = [(9, 3, 5, 3, 1, 1), (8, 4, 6, 3, 2, 1), (7, 2, 3, 1, 1, 0), (10, 3, 4, 3, 1, 0)]
+CASES = [(9, 3, 5, 3, 1, 1), (8, 4, 6, 3, 2, 1), (7, 2, 3, 1, 1, 0), (10, 3, 4, 3, 1, 0),
+         (9, 3, 4, 3, 2, 1), (10, 2, 3, 3, 2, 0)]  # stride 2: odd and even sizes, routed
 
 
 def _grads(fn, x, w, s, p):
@@ -34,7 +35,8 @@ def test_shifted_weight_grad_any_stride(x64):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)))
   w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
-  for strides, pads in (((2, 2), ((1, 1), (1, 1))), ((1, 2), ((0, 1), (1, 0)))):
+  for strides, pads in (((2, 2), ((1, 1), (1, 1))), ((1, 2), ((0, 1), (1, 0))),
+                        ((3, 3), ((1, 1), (1, 1))), ((3, 2), ((0, 2), (2, 0)))):
     conv = lambda w: lax.conv_general_dilated(x, w, strides, pads,  # noqa: E731
                                               dimension_numbers=C.NHWC)
     y, vjp = jax.vjp(conv, w)
@@ -45,7 +47,8 @@ def test_shifted_weight_grad_any_stride(x64):
 
 def test_routing():
   assert C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (1, 1))
-  assert not C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (2, 2))
+  assert C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (2, 2))
+  assert not C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (3, 3))
   assert not C.uses_shifted_grad((8, 56, 56, 64), (1, 1, 64, 128), (1, 1))
   # Anything the tap GEMMs do not cover goes to lax unchanged (here: grouped, 'SAME').
   x = jnp.ones((1, 6, 6, 4))

@@ -1,8 +1,8 @@
 """Convolution with the weight gradient as one GEMM per kernel tap (faster on XLA:CPU).
 
-XLA's CPU backward-filter convolution for IR50's stride-1 3x3 layers runs well
-below its forward rate (profile in docs/BENCHMARKS.md: 2-3x the CPU time of the
-forward at 112x112x64). The weight gradient of a stride-s convolution is, for each
+XLA's CPU backward-filter convolution for IR50's 3x3 layers runs well below its
+forward rate (profile in docs/BENCHMARKS.md: 2-3x the CPU time of the forward at
+112x112x64, stride 1; up to 8x and superlinear in the batch at stride 2). The weight gradient of a stride-s convolution is, for each
 tap (i, j), x_shifted(i, j)^T @ g over all N*H*W positions: kh*kw plain GEMMs that
 XLA runs at its GEMM rate. Forward and input gradient stay lax's. Same numbers up
 to summation order (float64 parity tests <= 1e-10).
@@ -38,25 +38,30 @@ def shifted_weight_grad(x: jax.Array, g: jax.Array, kernel: Sequence[int],
   sh, sw = strides
   n, _, _, c = x.shape
   ho, wo, k = g.shape[1:]
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  # Pad, then round the padded size up to a multiple of the stride, so that the
+  # input splits into sh*sw phases (x[:, p::sh, q::sw]); tap (i, j) reads phase
+  # (i % sh, j % sw) from offset (i // sh, j // sw): a contiguous window, which a
+  # loop can slice with a traced index. Stride 1 has one phase (a reshape, no copy).
+  hp = x.shape[1] + sum(padding[0])
+  wp = x.shape[2] + sum(padding[1])
+  eh, ew = -hp % sh, -wp % sw
+  xp = jnp.pad(x, ((0, 0), (padding[0][0], padding[0][1] + eh),
+                   (padding[1][0], padding[1][1] + ew), (0, 0)))
+  hq, wq = (hp + eh) // sh, (wp + ew) // sw
+  phases = xp.reshape(n, hq, sh, wq, sw, c).transpose(2, 4, 0, 1, 3, 5)
   g2 = g.reshape(-1, k)
   acc = jnp.promote_types(jnp.float32, x.dtype)  # bf16 inputs accumulate in float32
   dims = (((0,), (0,)), ((), ()))
-  if (sh, sw) == (1, 1):
-    # One tap at a time (a loop): unrolled, XLA keeps all kh*kw shifted copies of x
-    # alive at once (3.7x lax's temporaries at 112x112x64; measured in BENCHMARKS.md).
-    def tap(_, ij):
-      t = lax.dynamic_slice(xp, (0, ij // kw, ij % kw, 0), (n, ho, wo, c)).reshape(-1, c)
-      return None, lax.dot_general(t, g2, dims, preferred_element_type=acc)
-    _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
-    return taps.reshape(kh, kw, c, k)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      t = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                    (1, sh, sw, 1)).reshape(-1, c)
-      taps.append(lax.dot_general(t, g2, dims, preferred_element_type=acc))
-  return jnp.stack(taps).reshape(kh, kw, c, k)
+
+  # One tap at a time (a loop): unrolled, XLA keeps all kh*kw shifted copies of x
+  # alive at once (3.7x lax's temporaries at 112x112x64; measured in BENCHMARKS.md).
+  def tap(_, ij):
+    i, j = ij // kw, ij % kw
+    t = lax.dynamic_slice(phases, (i % sh, j % sw, 0, i // sh, j // sw, 0),
+                          (1, 1, n, ho, wo, c)).reshape(-1, c)
+    return None, lax.dot_general(t, g2, dims, preferred_element_type=acc)
+  _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
+  return taps.reshape(kh, kw, c, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -83,8 +88,13 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def uses_shifted_grad(x_shape: Sequence[int], w_shape: Sequence[int],
                       strides: Sequence[int]) -> bool:
-  """Where the tap GEMMs beat XLA's backward-filter conv (measured; BENCHMARKS.md)."""
-  return tuple(strides) == (1, 1) and tuple(w_shape[:2]) != (1, 1)
+  """Where the tap GEMMs beat XLA's backward-filter conv (measured; BENCHMARKS.md).
+
+  Stride 1 and 2, kernels larger than 1x1. At stride 2, XLA's backward-filter conv
+  grows faster than the batch (IR50's 56x56 -> 28x28 layer: 65 ms at 8 images,
+  1,456 ms at 32; the taps 34 and 185 ms), which made batch 8 steps 0.75x PyTorch.
+  """
+  return max(strides) <= 2 and tuple(w_shape[:2]) != (1, 1)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],

@@ -19,7 +19,9 @@ def _grads(fn, x, w, s, p):
 
 
 @pytest.mark.parametrize('h,ci,co,k,s,p', CASES)
-def test_gradients_equal_lax_in_float64(x64, h, ci, co, k, s, p):
+def test_gradients_equal_lax_in_float64(x64, monkeypatch, h, ci, co, k, s, p):
+  monkeypatch.setattr(C, '_device_count', lambda: 1)  # stride 2 is routed on one device
+  assert C.uses_shifted_grad((2, h, h, ci), (k, k, ci, co), (s, s)) == (k > 1)
   rng = np.random.default_rng(h)
   x = jnp.asarray(rng.normal(size=(2, h, h, ci)))
   w = jnp.asarray(rng.normal(size=(k, k, ci, co)))
@@ -47,8 +49,9 @@ def test_shifted_weight_grad_any_stride(x64):
 
 def test_routing():
   assert C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (1, 1))
-  assert C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (2, 2))
-  assert not C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (3, 3))
+  assert C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (2, 2), devices=1)
+  assert not C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (2, 2), devices=8)
+  assert not C.uses_shifted_grad((8, 112, 112, 64), (3, 3, 64, 64), (3, 3), devices=1)
   assert not C.uses_shifted_grad((8, 56, 56, 64), (1, 1, 64, 128), (1, 1))
   # Anything the tap GEMMs do not cover goes to lax unchanged (here: grouped, 'SAME').
   x = jnp.ones((1, 6, 6, 4))

@@ -86,15 +86,27 @@ def _conv_bwd(strides, padding, precision, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _device_count() -> int:
+  return jax.device_count()
+
+
 def uses_shifted_grad(x_shape: Sequence[int], w_shape: Sequence[int],
-                      strides: Sequence[int]) -> bool:
+                      strides: Sequence[int], devices: Optional[int] = None) -> bool:
   """Where the tap GEMMs beat XLA's backward-filter conv (measured; BENCHMARKS.md).
 
-  Stride 1 and 2, kernels larger than 1x1. At stride 2, XLA's backward-filter conv
-  grows faster than the batch (IR50's 56x56 -> 28x28 layer: 65 ms at 8 images,
-  1,456 ms at 32; the taps 34 and 185 ms), which made batch 8 steps 0.75x PyTorch.
+  Kernels larger than 1x1 at stride 1; at stride 2 on one device only. At stride 2,
+  XLA's backward-filter conv grows faster than the batch (IR50's 56x56 -> 28x28
+  layer: 65 ms at 8 images, 1,456 ms at 32; the taps 34 and 185 ms): the batch-8
+  step is 6% faster. On several devices each tap adds an all-reduce inside the
+  loop (the tiny 2-device step: 48 -> 66 all-reduces), and XLA:CPU's gloo
+  collectives between processes then abort more often ("collective mismatch"),
+  so multi-device runs keep XLA's stride-2 gradient. `devices`: jax.device_count().
   """
-  return max(strides) <= 2 and tuple(w_shape[:2]) != (1, 1)
+  if tuple(w_shape[:2]) == (1, 1) or max(strides) > 2:
+    return False
+  if tuple(strides) == (1, 1):
+    return True
+  return (_device_count() if devices is None else devices) == 1
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],

@@ -2,8 +2,9 @@
 
 XLA's CPU backward-filter convolution for IR50's 3x3 layers runs well below its
 forward rate (profile in docs/BENCHMARKS.md: 2-3x the CPU time of the forward at
-112x112x64, stride 1; up to 8x and superlinear in the batch at stride 2). The weight gradient of a stride-s convolution is, for each
-tap (i, j), x_shifted(i, j)^T @ g over all N*H*W positions: kh*kw plain GEMMs that
+112x112x64, stride 1; at stride 2 it grows faster than the batch, up to 8x the tap
+GEMMs at 32 images). The weight gradient of a stride-s convolution is, for each tap
+(i, j), x_shifted(i, j)^T @ g over all N*H*W positions: kh*kw plain GEMMs that
 XLA runs at its GEMM rate. Forward and input gradient stay lax's. Same numbers up
 to summation order (float64 parity tests <= 1e-10).
 """
@@ -38,27 +39,31 @@ def shifted_weight_grad(x: jax.Array, g: jax.Array, kernel: Sequence[int],
   sh, sw = strides
   n, _, _, c = x.shape
   ho, wo, k = g.shape[1:]
-  # Pad, then round the padded size up to a multiple of the stride, so that the
-  # input splits into sh*sw phases (x[:, p::sh, q::sw]); tap (i, j) reads phase
-  # (i % sh, j % sw) from offset (i // sh, j // sw): a contiguous window, which a
-  # loop can slice with a traced index. Stride 1 has one phase (a reshape, no copy).
-  hp = x.shape[1] + sum(padding[0])
-  wp = x.shape[2] + sum(padding[1])
-  eh, ew = -hp % sh, -wp % sw
-  xp = jnp.pad(x, ((0, 0), (padding[0][0], padding[0][1] + eh),
-                   (padding[1][0], padding[1][1] + ew), (0, 0)))
-  hq, wq = (hp + eh) // sh, (wp + ew) // sw
-  phases = xp.reshape(n, hq, sh, wq, sw, c).transpose(2, 4, 0, 1, 3, 5)
   g2 = g.reshape(-1, k)
   acc = jnp.promote_types(jnp.float32, x.dtype)  # bf16 inputs accumulate in float32
   dims = (((0,), (0,)), ((), ()))
+  if (sh, sw) == (1, 1):
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    window = lambda i, j: lax.dynamic_slice(xp, (0, i, j, 0), (n, ho, wo, c))  # noqa: E731
+  else:
+    # Pad, then round the padded size up to a multiple of the stride, so that the
+    # input splits into sh*sw phases (x[:, p::sh, q::sw]); tap (i, j) reads phase
+    # (i % sh, j % sw) from offset (i // sh, j // sw): a contiguous window, which
+    # the loop below slices with a traced index.
+    hp = x.shape[1] + sum(padding[0])
+    wp = x.shape[2] + sum(padding[1])
+    eh, ew = -hp % sh, -wp % sw
+    xp = jnp.pad(x, ((0, 0), (padding[0][0], padding[0][1] + eh),
+                     (padding[1][0], padding[1][1] + ew), (0, 0)))
+    phases = xp.reshape(n, (hp + eh) // sh, sh, (wp + ew) // sw, sw, c).transpose(
+        2, 4, 0, 1, 3, 5)
+    window = lambda i, j: lax.dynamic_slice(  # noqa: E731
+        phases, (i % sh, j % sw, 0, i // sh, j // sw, 0), (1, 1, n, ho, wo, c))
 
   # One tap at a time (a loop): unrolled, XLA keeps all kh*kw shifted copies of x
   # alive at once (3.7x lax's temporaries at 112x112x64; measured in BENCHMARKS.md).
   def tap(_, ij):
-    i, j = ij // kw, ij % kw
-    t = lax.dynamic_slice(phases, (i % sh, j % sw, 0, i // sh, j // sw, 0),
-                          (1, 1, n, ho, wo, c)).reshape(-1, c)
+    t = window(ij // kw, ij % kw).reshape(-1, c)
     return None, lax.dot_general(t, g2, dims, preferred_element_type=acc)
   _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
   return taps.reshape(kh, kw, c, k)

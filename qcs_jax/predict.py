@@ -141,14 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     throughput.print_benchmark(args.checkpoint, sizes, args.benchmark_seconds)
     return 0
   from qcs_jax.apps.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
-  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  # Nothing here may import JAX before Recognizer.load: it starts reading the
+  # weights in a thread first, so the read overlaps JAX's import (~1 s).
   try:
     rec = Recognizer.load(args.checkpoint, cache=args.cache,
                           detector=args.detector if args.detect else "haar",
                           max_batch=args.batch_size, margin=args.margin,
                           min_face=args.min_face, align=args.align,
                           tiles=args.detector_tiles)
-  except (CheckpointError, detectors.DetectorUnavailable, OSError) as e:
+  except (ValueError, detectors.DetectorUnavailable, OSError) as e:
+    from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+    if isinstance(e, ValueError) and not isinstance(e, CheckpointError):
+      raise
     _stderr(f"error: {e}")
     return 2
   problems = []

@@ -8,6 +8,7 @@ step on CPU matches PyTorch's (docs/BENCHMARKS.md). GPU and TPU backends ignore
 from __future__ import annotations
 
 import os
+import sys
 from typing import MutableMapping
 
 CPU_XLA_FLAGS = ("--xla_cpu_use_xnnpack=true",)
@@ -47,6 +48,23 @@ def default_cache_dir(environ: MutableMapping[str, str] = os.environ) -> str | N
   home = environ.get("HOME") or os.path.expanduser("~")
   base = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
   return os.path.join(base, "qcs_jax", "xla")
+
+
+def cache_dir_for(directory: str | None | bool = True,
+                  environ: MutableMapping[str, str] = os.environ) -> str | None:
+  """The folder enable_compilation_cache(directory) uses, found without importing JAX
+  (None: no cache). A folder JAX already has (JAX_COMPILATION_CACHE_DIR) wins."""
+  if not directory:
+    return None
+  jax = sys.modules.get("jax")
+  config = getattr(jax, "config", None)
+  current = (config.jax_compilation_cache_dir if config is not None
+             else environ.get("JAX_COMPILATION_CACHE_DIR"))
+  if current:
+    return current
+  if directory is True:
+    directory = default_cache_dir(environ)
+  return os.path.expanduser(str(directory)) if directory else None
 
 
 def enable_compilation_cache(directory: str | None | bool = True,

@@ -402,3 +402,106 @@ def test_tiles_find_small_faces_the_whole_image_pass_misses(ckpt):
   b = found[0].box
   # Her face spans about x 935..985, y 530..585 of the canvas.
   assert 945 <= b.x + b.w / 2 <= 975 and 545 <= b.y + b.h / 2 <= 575 and 35 <= b.w <= 70
+
+
+def test_weights_copy_is_mapped_on_the_next_load_and_gives_the_same_answer(ckpt, tmp_path):
+  """Recognizer.load keeps an uncompressed copy of the weights in the cache and maps it
+  the next time: the same arrays bit for bit, the same probabilities."""
+  cache = str(tmp_path / "cache")
+  face = synthetic.render_face(2, 64, seed=5)
+  first = Recognizer.load(ckpt, cache=cache, detector="haar")
+  p1 = first.predict_faces([face])
+  base = runtime.cache_dir_for(cache)  # JAX's cache folder, if the tests set one, wins
+  key = fast_read.copy_key(ckpt / "variables")
+  assert os.path.isfile(os.path.join(base, fast_read.COPY_DIR, f"{key}.npw"))
+  mapped = fast_read.read_cached(ckpt, base)
+  want = fast_read.read_arrays(ckpt / "variables")
+  ml, mt = jax.tree.flatten(mapped)
+  wl, wt = jax.tree.flatten(want)
+  assert mt == wt and len(ml) > 20
+  for a, b in zip(ml, wl):
+    assert isinstance(a.base, np.memmap) and not a.flags.writeable
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  second = Recognizer.load(ckpt, cache=cache, detector="haar")
+  assert second.predict_faces([face]) == p1
+
+
+def test_weights_copy_damaged_stale_or_pruned(ckpt, tmp_path):
+  cache = str(tmp_path / "cache")
+  key = fast_read.copy_key(ckpt / "variables")
+  path = tmp_path / "cache" / fast_read.COPY_DIR / f"{key}.npw"
+  want = jax.tree.leaves(fast_read.read_cached(ckpt, cache))
+  good = path.read_bytes()
+  path.write_bytes(good[:-10])  # truncated: not used, written again
+  assert fast_read.read_copy(path, key) is None
+  got = jax.tree.leaves(fast_read.read_cached(ckpt, cache))
+  assert path.read_bytes() == good
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  assert fast_read.read_copy(path, "another-key") is None
+  path.write_bytes(b"garbage")
+  assert fast_read.read_copy(path, key) is None
+  # A checkpoint saved again (same place) gets a new key: the old copy is not used.
+  import shutil
+  moved = tmp_path / "model"
+  shutil.copytree(ckpt, moved)
+  k1 = fast_read.copy_key(moved / "variables")
+  loaded = checkpoint.load_model(moved)
+  checkpoint.save_variables(moved, jax.tree.map(np.asarray, loaded.variables),
+                            loaded.model_cfg, force=True)
+  assert fast_read.copy_key(moved / "variables") not in (None, k1)
+  # At most MAX_COPIES copies are kept, the least recently used removed first.
+  arrays = fast_read.read_arrays(ckpt / "variables")
+  folder = tmp_path / "many"
+  for i in range(fast_read.MAX_COPIES + 2):
+    assert fast_read.write_copy(folder / f"k{i}.npw", f"k{i}", arrays)
+    os.utime(folder / f"k{i}.npw", (i, i))
+  fast_read.write_copy(folder / "last.npw", "last", arrays)
+  left = sorted(p.name for p in folder.glob("*.npw"))
+  assert len(left) == fast_read.MAX_COPIES and "last.npw" in left and "k0.npw" not in left
+
+
+def test_no_weights_copy_without_a_cache(ckpt, tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  monkeypatch.delenv(runtime.CACHE_ENV, raising=False)
+  Recognizer.load(ckpt, cache=False, detector="haar").predict_faces(
+      [synthetic.render_face(1, 64, seed=1)])
+  assert not list(tmp_path.rglob("*.npw"))
+  assert fast_read.read_cached(ckpt, None) is not None  # read from the checkpoint itself
+
+
+def test_predict_reads_the_weights_while_jax_is_imported(ckpt, tmp_path):
+  """The CLI must not import JAX before Recognizer.load starts the weights' read thread
+  (the overlap is the point of the thread)."""
+  code = ("import sys\n"
+          "from qcs_jax import predict\n"
+          "from qcs_jax.apps import recognizer\n"
+          "def load(*a, **k):\n"
+          "  print('jax imported before load:', 'jax' in sys.modules)\n"
+          "  raise OSError('stop here')\n"
+          "recognizer.Recognizer.load = load\n"
+          f"print('exit', predict.main(['--checkpoint', {str(ckpt)!r}, 'x.jpg']))\n")
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert "jax imported before load: False" in out.stdout and "exit 2" in out.stdout
+
+
+def test_cache_dir_for_matches_enable_compilation_cache_without_jax(tmp_path):
+  env = {"HOME": "/home/u"}
+  assert runtime.cache_dir_for(False, env) is None
+  assert runtime.cache_dir_for("~/x", env) == (jax.config.jax_compilation_cache_dir
+                                               or os.path.expanduser("~/x"))
+  code = ("import sys\nfrom qcs_jax import runtime\n"
+          "d = runtime.cache_dir_for(True)\nassert 'jax' not in sys.modules\n"
+          "print(d == runtime.enable_compilation_cache(True), d)\n")
+  for extra in ({runtime.CACHE_ENV: str(tmp_path / "q")},
+                {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")}):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JAX_COMPILATION_CACHE") and k != runtime.CACHE_ENV}
+    env.update(extra, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split() == ["True", list(extra.values())[0]]

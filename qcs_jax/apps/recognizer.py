@@ -106,12 +106,13 @@ class Recognizer:
     and the saved inference executables, programs.py): True (the per-user
     default, runtime.default_cache_dir), a folder, or False (neither).
     """
-    from qcs_jax import fast_read  # pylint: disable=import-outside-toplevel
+    from qcs_jax import fast_read, runtime  # pylint: disable=import-outside-toplevel
     directory = resolve_checkpoint(path)
-    # Start-up in parallel: the weights are read while JAX is imported, and a saved
-    # batch-1 executable is loaded while the detector is built.
-    arrays = fast_read.start(directory)
-    from qcs_jax import checkpoint, runtime  # pylint: disable=import-outside-toplevel
+    # Start-up in parallel: the weights are read (or their uncompressed copy in the
+    # cache mapped) while JAX is imported, and a saved batch-1 executable is loaded
+    # while the detector is built.
+    arrays = fast_read.start(directory, runtime.cache_dir_for(cache))
+    from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
     cache_dir = runtime.enable_compilation_cache(cache)
     # The shape check traces the whole model (~1 s at paper size): it runs only
     # if the model fails to run (classify_prepared), to explain why.

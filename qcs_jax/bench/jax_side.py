@@ -76,6 +76,8 @@ class JaxBench:
       t1 = time.perf_counter()
       compiled = lowered.compile()
       t2 = time.perf_counter()
+      from qcs_jax import runtime  # pylint: disable=import-outside-toplevel
+      runtime.release_free_memory()  # as training does after its first compile
       box = {"state": state}
 
       def run():

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qcs_jax import checkpoint as ckpt_io
+from qcs_jax import checkpoint as ckpt_io, runtime
 from qcs_jax.config import NUM_BRANCHES
 from qcs_jax.models import build_model
 from qcs_jax.training import distributed, metrics as metrics_lib, optim
@@ -132,7 +132,7 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       train_src, cfg.data, cfg.model.img_size, nb, cfg.train.seed, meta["epoch"],
       start_step=meta["step_in_epoch"], num_epochs=max(cfg.train.epochs - meta["epoch"], 1),
       part=part)
-  failed = False
+  failed, trimmed = False, False
   # Bad training images replaced so far; kept in the checkpoint's meta so a resumed run
   # counts the same events as an uninterrupted one (the replayed steps recount theirs).
   skipped_before = int(meta.get("train_skipped", 0))
@@ -145,6 +145,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       for i, batch in zip(range(start, steps), batches):
         state, m = train_step(state, shard_batch(batch["image"], mesh),
                               shard_batch(batch["label"], mesh))
+        if not trimmed:  # the step is compiled: the compiler's freed memory goes back
+          trimmed = runtime.release_free_memory() or True
         # A few steps in flight (the host prepares batches ahead), and the bar counts
         # finished steps, so its rate and ETA are true.
         in_flight.append(m)

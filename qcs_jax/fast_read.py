@@ -52,10 +52,7 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any] | None:
     reads = [o.result().read() for o in opened]
     out: dict[str, Any] = {}
     for k, r in zip(keys, reads):
-      node = out
-      for part in k[:-1]:
-        node = node.setdefault(part, {})
-      node[k[-1]] = np.asarray(r.result())
+      _nest(out, k, np.asarray(r.result()))
     return out
   except Exception:  # pylint: disable=broad-except
     return None
@@ -87,6 +84,13 @@ def copy_key(variables: str | os.PathLike) -> str | None:
   if len(sig) == 1:
     return None
   return hashlib.sha256(json.dumps(sig).encode()).hexdigest()[:32]
+
+
+def _nest(tree: dict, keys: Any, value: Any) -> None:
+  """tree[k0][k1]...[kn] = value, making the inner dicts (the inverse of _leaves)."""
+  for part in keys[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[keys[-1]] = value
 
 
 def _leaves(tree: dict, prefix: tuple = ()) -> list[tuple[tuple, np.ndarray]]:
@@ -148,10 +152,7 @@ def read_copy(path: str | os.PathLike, key: str) -> dict[str, Any] | None:
     for k, shape, dtype, off in meta["arrays"]:
       dt = np.dtype(dtype)
       count = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-      node = out
-      for part in k[:-1]:
-        node = node.setdefault(part, {})
-      node[k[-1]] = data[off:off + count].view(dt).reshape(shape)
+      _nest(out, k, data[off:off + count].view(dt).reshape(shape))
     os.utime(path)  # recently used: kept by _prune
     return out
   except (OSError, ValueError, KeyError, TypeError, struct.error):

@@ -80,11 +80,9 @@ def enable_compilation_cache(directory: str | None | bool = True,
   current = jax.config.jax_compilation_cache_dir
   if current:
     return current
-  if directory is True:
-    directory = default_cache_dir(environ)
+  directory = cache_dir_for(directory, environ)
   if not directory:
     return None
-  directory = os.path.expanduser(str(directory))
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError:

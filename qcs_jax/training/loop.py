@@ -146,7 +146,8 @@ def _train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         state, m = train_step(state, shard_batch(batch["image"], mesh),
                               shard_batch(batch["label"], mesh))
         if not trimmed:  # the step is compiled: the compiler's freed memory goes back
-          trimmed = runtime.release_free_memory() or True
+          runtime.release_free_memory()
+          trimmed = True
         # A few steps in flight (the host prepares batches ahead), and the bar counts
         # finished steps, so its rate and ETA are true.
         in_flight.append(m)

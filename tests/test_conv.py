@@ -59,3 +59,19 @@ def test_routing():
   y = C.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=C.NHWC,
                              feature_group_count=2)
   assert y.shape == (1, 6, 6, 4) and float(y[0, 2, 2, 0]) == 18.0
+
+
+def test_accelerator_branch_is_xlas_weight_gradient(x64):
+  """What a CUDA/TPU lowering runs (test_lowering.py checks it is chosen there) equals
+  the tap GEMMs the CPU runs, at strides 1 and 2."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)))
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+  for s in (1, 2):
+    pads = ((1, 1), (1, 1))
+    g = jnp.asarray(rng.normal(size=lax.conv_general_dilated(
+        x, w, (s, s), pads, dimension_numbers=C.NHWC).shape))
+    ours = C.xla_weight_grad(x, g, w, (s, s), pads)
+    taps = C.shifted_weight_grad(x, g, (3, 3), (s, s), pads)
+    assert ours.shape == w.shape
+    assert float(jnp.max(jnp.abs(ours - taps))) <= 1e-12 * float(jnp.max(jnp.abs(taps)))

@@ -1,4 +1,4 @@
-"""Convolution with the weight gradient as one GEMM per kernel tap (faster on XLA:CPU).
+"""Convolution with the weight gradient as one GEMM per kernel tap on XLA:CPU only.
 
 XLA's CPU backward-filter convolution for IR50's 3x3 layers runs well below its
 forward rate (profile in docs/BENCHMARKS.md: 2-3x the CPU time of the forward at
@@ -7,6 +7,11 @@ GEMMs at 32 images). The weight gradient of a stride-s convolution is, for each 
 (i, j), x_shifted(i, j)^T @ g over all N*H*W positions: kh*kw plain GEMMs that
 XLA runs at its GEMM rate. Forward and input gradient stay lax's. Same numbers up
 to summation order (float64 parity tests <= 1e-10).
+
+The choice is made when the program is lowered, per platform
+(``lax.platform_dependent``): a program lowered for CUDA or TPU holds XLA's own
+backward-filter convolution (cuDNN's, the TPU's), never the CPU tap loop;
+tests/test_lowering.py checks the exported programs.
 """
 from __future__ import annotations
 
@@ -79,12 +84,24 @@ def _conv_fwd(x, w, strides, padding, precision):
   return _conv(x, w, strides, padding, precision), (x, w)
 
 
+def xla_weight_grad(x: jax.Array, g: jax.Array, w: jax.Array, strides: Sequence[int],
+                    padding: Sequence[tuple[int, int]], precision: Any = None) -> jax.Array:
+  """The weight gradient as XLA differentiates it: a backward-filter convolution."""
+  _, weight_vjp = jax.vjp(lambda b: lax.conv_general_dilated(
+      x, b, strides, padding, dimension_numbers=NHWC, precision=precision), w)
+  return weight_vjp(g)[0]
+
+
 def _conv_bwd(strides, padding, precision, res, g):
   x, w = res
   _, input_vjp = jax.vjp(lambda a: lax.conv_general_dilated(
       a, w, strides, padding, dimension_numbers=NHWC, precision=precision), x)
   (dx,) = input_vjp(g)
-  dw = shifted_weight_grad(x, g, w.shape[:2], strides, padding)
+  # CPU: the tap GEMMs; every other platform (CUDA, ROCm, TPU): XLA's own gradient.
+  dw = lax.platform_dependent(
+      x, g,
+      cpu=lambda x, g: shifted_weight_grad(x, g, w.shape[:2], strides, padding).astype(w.dtype),
+      default=lambda x, g: xla_weight_grad(x, g, w, strides, padding, precision))
   return dx, dw.astype(w.dtype)
 
 
@@ -97,7 +114,10 @@ def _device_count() -> int:
 
 def uses_shifted_grad(x_shape: Sequence[int], w_shape: Sequence[int],
                       strides: Sequence[int], devices: Optional[int] = None) -> bool:
-  """Where the tap GEMMs beat XLA's backward-filter conv (measured; BENCHMARKS.md).
+  """Where the tap GEMMs beat XLA:CPU's backward-filter conv (measured; BENCHMARKS.md).
+
+  Only the CPU lowering uses them (see ``_conv_bwd``); on other platforms a
+  convolution this picks still gets XLA's own weight gradient.
 
   Kernels larger than 1x1 at stride 1; at stride 2 on one device only. At stride 2,
   XLA's backward-filter conv grows faster than the batch (IR50's 56x56 -> 28x28

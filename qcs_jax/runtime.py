@@ -1,13 +1,16 @@
 """Process-wide XLA settings the command-line entry points apply before JAX starts.
 
-XLA's default CPU convolutions (YNNPACK fusions in jaxlib 0.10) run IR50's
-forward+backward ~1.5x slower than XNNPACK's; with XNNPACK a full-size QCS train
-step on CPU matches PyTorch's (docs/BENCHMARKS.md). GPU and TPU backends ignore
-``xla_cpu_*`` flags.
+Every setting here is CPU tuning and applies on CPU only: XLA's default CPU
+convolutions (YNNPACK fusions in jaxlib 0.10) run IR50's forward+backward ~1.5x
+slower than XNNPACK's (docs/BENCHMARKS.md), and glibc keeps the CPU compiler's
+freed temporaries resident. A process that will run on a GPU or TPU gets
+neither: ``expected_platform`` tells which, before JAX starts.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import pkgutil
 import sys
 from typing import MutableMapping
 
@@ -25,13 +28,58 @@ def with_cpu_xla_defaults(xla_flags: str) -> str:
   return " ".join(out)
 
 
+# An accelerator's PJRT plugin (jax[cuda12], jax[rocm], jax[tpu]) makes it JAX's default.
+_TPU_MODULES = ("libtpu",)
+
+
+def _installed_plugins() -> list[str]:
+  """Names of the jax_plugins.* modules installed (xla_cuda12, ...), without importing JAX."""
+  try:
+    spec = importlib.util.find_spec("jax_plugins")
+  except (ImportError, ValueError):
+    return []
+  if spec is None or not spec.submodule_search_locations:
+    return []
+  return sorted(m.name for m in pkgutil.iter_modules(list(spec.submodule_search_locations)))
+
+
+def expected_platform(environ: MutableMapping[str, str] = os.environ) -> str:
+  """The platform JAX will pick as its default: 'cpu', 'cuda', 'rocm' or 'tpu'.
+
+  Found without starting JAX (XLA_FLAGS must be set before that): a backend JAX
+  already started wins; then JAX_PLATFORMS' first entry; then an installed
+  accelerator plugin; else 'cpu'.
+  """
+  jax = sys.modules.get("jax")
+  backends = getattr(getattr(jax, "_src", None), "xla_bridge", None)
+  if backends is not None and getattr(backends, "_backends", None):
+    return str(jax.default_backend())
+  return platform_from_environment(environ)
+
+
+def platform_from_environment(environ: MutableMapping[str, str] = os.environ) -> str:
+  """expected_platform's guess from JAX_PLATFORMS and the installed plugins alone."""
+  platforms = (environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or "").strip()
+  if platforms:
+    first = platforms.split(",")[0].strip().lower()
+    return "cuda" if first == "gpu" else first
+  for plugin in _installed_plugins():
+    for name in ("cuda", "rocm", "tpu"):
+      if name in plugin:
+        return name
+  if any(importlib.util.find_spec(m) is not None for m in _TPU_MODULES):
+    return "tpu"
+  return "cpu"
+
+
 def set_cpu_xla_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
-  """Adds CPU_XLA_FLAGS to XLA_FLAGS (a user's own setting of a flag wins).
+  """Adds CPU_XLA_FLAGS to XLA_FLAGS (a user's own setting of a flag wins), on CPU only.
 
   Must run before the first JAX computation: XLA reads XLA_FLAGS once, when it
-  creates its first backend.
+  creates its first backend. A process bound for a GPU or TPU
+  (``expected_platform``) keeps its XLA_FLAGS as they are.
   """
-  if environ.get(OPT_OUT, "1") == "0":
+  if environ.get(OPT_OUT, "1") == "0" or expected_platform(environ) != "cpu":
     return
   environ["XLA_FLAGS"] = with_cpu_xla_defaults(environ.get("XLA_FLAGS", ""))
 
@@ -95,14 +143,17 @@ def enable_compilation_cache(directory: str | None | bool = True,
   return directory
 
 
-def release_free_memory() -> bool:
+def release_free_memory(platform: str | None = None) -> bool:
   """Hands the memory malloc keeps but no longer uses back to the OS (glibc's malloc_trim).
 
-  Compiling the paper-size train step frees ~1 GB of compiler temporaries that
-  glibc keeps mapped; trimming once after the compile lowered the resident
-  memory during batch-4 steps from 5.8 to 4.8 GiB (docs/BENCHMARKS.md). False
-  where the C library has no malloc_trim (macOS, musl).
+  Compiling the paper-size train step on CPU frees ~1 GB of compiler temporaries
+  that glibc keeps mapped (docs/BENCHMARKS.md). CPU only: ``platform`` (default:
+  JAX's default backend, or expected_platform() before JAX starts) other than
+  'cpu' returns False and trims nothing. False too where the C library has no
+  malloc_trim (macOS, musl).
   """
+  if (platform or expected_platform()) != "cpu":
+    return False
   import ctypes  # pylint: disable=import-outside-toplevel
   try:
     trim = ctypes.CDLL(None).malloc_trim

@@ -56,3 +56,44 @@ def test_release_free_memory_returns_freed_heap_pages_to_the_os():
   after = rss()
   assert before - after > 100 * 2**20, (before, after)
   assert len(keep) == 250
+
+
+@pytest.mark.parametrize("value, platform", [("cuda", "cuda"), ("gpu", "cuda"), ("tpu", "tpu"),
+                                             ("cuda,cpu", "cuda"), ("cpu", "cpu"),
+                                             (" CPU ", "cpu"), ("rocm", "rocm")])
+def test_platform_from_environment_reads_jax_platforms(value, platform):
+  assert runtime.platform_from_environment({"JAX_PLATFORMS": value}) == platform
+
+
+def test_an_installed_accelerator_plugin_means_an_accelerator(tmp_path, monkeypatch):
+  assert runtime.platform_from_environment({}) == "cpu"   # this machine: no plugin
+  plugin = tmp_path / "jax_plugins" / "xla_cuda12"
+  plugin.mkdir(parents=True)
+  (plugin / "__init__.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, "jax_plugins", raising=False)
+  assert runtime.platform_from_environment({}) == "cuda"
+  assert runtime.platform_from_environment({"JAX_PLATFORMS": "cpu"}) == "cpu"
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_cpu_flags_are_not_set_for_an_accelerator(platform, monkeypatch):
+  monkeypatch.setattr(runtime, "expected_platform", lambda environ=None: platform)
+  env = {"XLA_FLAGS": "--a=1"}
+  runtime.set_cpu_xla_defaults(env)
+  assert env["XLA_FLAGS"] == "--a=1"
+  monkeypatch.setattr(runtime, "expected_platform", lambda environ=None: "cpu")
+  runtime.set_cpu_xla_defaults(env)
+  assert env["XLA_FLAGS"] == "--a=1 --xla_cpu_use_xnnpack=true"
+
+
+def test_no_heap_trim_off_cpu(monkeypatch):
+  import ctypes
+  def no_call(*a, **k):
+    raise AssertionError("malloc_trim looked up off CPU")
+  monkeypatch.setattr(ctypes, "CDLL", no_call)
+  assert runtime.release_free_memory("cuda") is False
+  assert runtime.release_free_memory("tpu") is False
+  with pytest.raises(AssertionError, match="off CPU"):
+    runtime.release_free_memory("cpu")
+  assert runtime.expected_platform() == "cpu"  # JAX has started here, on CPU

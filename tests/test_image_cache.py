@@ -15,7 +15,7 @@ from qcs_jax import config as config_lib
 from qcs_jax.data import image_cache as C
 from qcs_jax.data import pipeline as P
 from qcs_jax.data import transforms as T
-from qcs_jax.data.sources import DataError, FileSource, InMemorySource
+from qcs_jax.data.sources import DataError, FERSource, FileSource, InMemorySource
 
 CLASSES = ("a", "b", "c", "d")
 SIZE = 16
@@ -163,7 +163,7 @@ class _Counting(FileSource):
 
 def test_interrupted_build_is_never_used_and_a_rerun_resumes(tmp_path, monkeypatch):
   monkeypatch.setattr(C, "_CHUNK", 4)
-  monkeypatch.setattr(C, "_CHECKPOINT_S", 0.0)
+  monkeypatch.setattr(C, "_CHECKPOINT_S", 1e9)  # only the interruption saves a checkpoint
   files = _files(tmp_path, n=24, bad={13})
   src = _Counting(labels=files.labels, class_names=CLASSES, name=files.name, paths=files.paths)
   lay = C.layout(T.recipe_augment("ferplus", SIZE), SIZE, True)
@@ -341,10 +341,15 @@ def test_options_are_checked(tmp_path):
   class NoPrint(InMemorySource):
     fingerprint = None
 
+  class Custom(FERSource):  # a user's source type: FERSource's fingerprint() refuses
+    def load_image(self, i):
+      return np.zeros((8, 8, 3), np.uint8)
+
   odd = NoPrint(labels=np.arange(4), class_names=CLASSES, name="odd",
                 images=np.zeros((4, 8, 8, 3), np.uint8))
-  with pytest.raises(ValueError, match="fingerprint.*augment_on='host'"):
-    P.eval_batches(odd, _cfg(tmp_path), SIZE, 4)
+  for s in (odd, Custom(labels=np.arange(4), class_names=CLASSES, name="custom")):
+    with pytest.raises(ValueError, match="fingerprint.*augment_on='host'"):
+      P.eval_batches(s, _cfg(tmp_path), SIZE, 4)
   env = {"HOME": "/home/u", "QCS_JAX_CACHE_DIR": "/elsewhere"}
   assert C.default_cache_dir(env) == "/home/u/.cache/qcs_jax/images"
   assert C.default_cache_dir(dict(env, XDG_CACHE_HOME="/x")) == "/x/qcs_jax/images"

@@ -4,8 +4,8 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
+import types
 
 import numpy as np
 from PIL import Image
@@ -324,7 +324,7 @@ def test_bad_images_raise_or_are_skipped_as_in_host_mode(tmp_path):
     _all(P.train_batches(two_bad, _cfg(tmp_path), SIZE, 1, seed=0, epoch=0))
 
 
-def test_options_are_checked(tmp_path):
+def test_options_are_checked(tmp_path, monkeypatch):
   src = _files(tmp_path, n=8)
   aspect = dict(T.recipe_augment("ferplus", SIZE), keep_aspect=True)
   with pytest.raises(ValueError, match="keep_aspect.*augment_on=host"):
@@ -350,6 +350,12 @@ def test_options_are_checked(tmp_path):
   for s in (odd, Custom(labels=np.arange(4), class_names=CLASSES, name="custom")):
     with pytest.raises(ValueError, match="fingerprint.*augment_on='host'"):
       P.eval_batches(s, _cfg(tmp_path), SIZE, 4)
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(OSError, match="a_file.*data.cache_dir"):
+    P.eval_batches(src, _cfg(tmp_path, cache_dir=str(tmp_path / "a_file" / "c")), SIZE, 4)
+  monkeypatch.setattr(C.shutil, "disk_usage", lambda d: types.SimpleNamespace(free=1000))
+  with pytest.raises(OSError, match="needs 0.00 GiB.*larger disk"):
+    P.eval_batches(src, _cfg(tmp_path), SIZE, 4)
   env = {"HOME": "/home/u", "QCS_JAX_CACHE_DIR": "/elsewhere"}
   assert C.default_cache_dir(env) == "/home/u/.cache/qcs_jax/images"
   assert C.default_cache_dir(dict(env, XDG_CACHE_HOME="/x")) == "/x/qcs_jax/images"

@@ -73,7 +73,7 @@ class CachedTrainStep:
           bad.append(i)
           i = self.stand_ins.replace(i, epoch, p, k, self._good, bad)
         index[a, k] = i
-    images = self.cache.array()[index.reshape(-1)]
+    images = np.asarray(self.cache.array()[index.reshape(-1)])  # a copy, not a memmap
     return {"image": images.reshape(hi - lo, nb, *images.shape[1:]),
             "label": self.labels[index], "index": index,
             "epoch": np.full((hi - lo,), epoch, np.int32), "position": position,

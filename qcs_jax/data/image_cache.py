@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Iterator, Sequence
@@ -138,6 +139,12 @@ class ImageCache:
 
   def __getstate__(self):  # a worker process maps the file itself; never pickle the pixels
     return dict(self.__dict__, _array=None)
+
+  def summary(self) -> str:
+    """One line for logs: where the cache is, what it holds, its size on disk."""
+    return (f"image cache {self.path}: {self.num_items} images of {self.height}x{self.width}, "
+            f"{self.nbytes / 2**30:.2f} GiB on disk, {len(self.bad)} bad"
+            + (" (built now)" if self.built else ""))
 
 
 def _safe(name: str) -> str:
@@ -306,6 +313,10 @@ def _build(source: Any, lay: Layout, base: str, key: str, workers: int, parallel
     done, bad = int(state["done"]), {int(i): r for i, r in state["bad"].items()}
     log.info("resuming the image cache %s at item %d of %d", base, done, n)
   else:
+    need, free = disk_bytes(n, lay.height, lay.width), shutil.disk_usage(os.path.dirname(base)).free
+    if need > free:
+      raise OSError(f"image cache {base}.npy needs {need / 2**30:.2f} GiB, {os.path.dirname(base)} "
+                    f"has {free / 2**30:.2f} GiB free: set data.cache_dir to a larger disk")
     np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
                               shape=(n, lay.height, lay.width, 3))  # sparse until written
   size = os.path.getsize(partial)
@@ -350,8 +361,7 @@ def _build(source: Any, lay: Layout, base: str, key: str, workers: int, parallel
   _fsync_dir(base)
   os.remove(state_path)
   if bad:
-    first = bad[min(bad)]
-    log.warning("image cache %s: %d bad image(s), e.g. %s", base, len(bad), first)
+    log.warning("image cache %s: %d bad image(s), e.g. %s", base, len(bad), bad[min(bad)])
 
 
 def ensure_cache(source: Any, lay: Layout, cache_dir: str | None = None, workers: int = 0,
@@ -368,7 +378,12 @@ def ensure_cache(source: Any, lay: Layout, cache_dir: str | None = None, workers
   key, n = base.rsplit("-", 1)[1], len(source)
   found = _complete(base, key, n, lay)
   if found is None:
-    os.makedirs(os.path.dirname(base), exist_ok=True)
+    try:
+      os.makedirs(os.path.dirname(base), exist_ok=True)
+    except OSError as e:
+      why = e.strerror or e
+      raise OSError(f"cannot create the image cache folder {os.path.dirname(base)} ({why}): "
+                    "set data.cache_dir to a writable folder") from None
     with _locked(base + ".lock", base):
       found = _complete(base, key, n, lay)  # another process may have built it meanwhile
       if found is None:
@@ -377,8 +392,7 @@ def ensure_cache(source: Any, lay: Layout, cache_dir: str | None = None, workers
         if found is None:
           raise OSError(f"image cache {base}: the build finished but its files do not check out")
         found.built = True
-  log.info("image cache %s: %d images of %dx%d, %.2f GiB on disk%s", found.path, n, lay.height,
-           lay.width, found.nbytes / 2**30, " (built now)" if found.built else "")
+  (log.warning if found.built else log.info)("%s", found.summary())
   return found
 
 

@@ -87,6 +87,11 @@ def test_cache_holds_the_host_resize_bit_for_bit(tmp_path, recipe):
     np.testing.assert_array_equal(train.array()[i], want)
     # the eval cache, normalised, is exactly the host's eval transform
     np.testing.assert_array_equal(T.to_normalized(evals.array()[i]), host_eval(img))
+  # the host's random train transform gives the same from the cached image as from the file
+  host_train = T.build_transform(aug, SIZE, train=True)
+  for i in (1, 4, 6):
+    np.testing.assert_array_equal(host_train(train.array()[i], P.augment_rng(0, 0, i, 0)),
+                                  host_train(src[i]["image"], P.augment_rng(0, 0, i, 0)))
   # with every random op off, the host train transform is the cached image normalised
   plain = dict(aug, rotate=0.0, hflip=False, jitter=(), erase_scale=(), crop=False, resize=0)
   cached = C.ensure_cache(src, C.layout(plain, SIZE, True), str(tmp_path / "c"), progress=False)

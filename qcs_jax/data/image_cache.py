@@ -227,11 +227,6 @@ def _locked(path: str, what: str) -> Iterator[None]:
     os.close(fd)  # releases the lock
 
 
-def _header_bytes(path: str) -> int:
-  """Where the pixels start in a .npy file (after its header)."""
-  return int(np.load(path, mmap_mode="r").offset)
-
-
 class _Filler:
   """Chunk (lo, hi) -> prepares items lo..hi-1 and pwrites them; returns {bad index: why}."""
 
@@ -258,7 +253,10 @@ class _Filler:
       except BAD_IMAGE_ERRORS as e:
         bad[i] = str(named_error(self.source, i, e)).splitlines()[0]
     self.open()
-    os.pwrite(self._fd, out.data, self.offset + lo * out[0].nbytes)
+    view, at = memoryview(out).cast("B"), self.offset + lo * out[0].nbytes
+    while view:  # pwrite may write less than asked
+      written = os.pwrite(self._fd, view, at)
+      view, at = view[written:], at + written
     return bad
 
   def close(self) -> None:
@@ -320,7 +318,7 @@ def _build(source: Any, lay: Layout, base: str, key: str, workers: int, parallel
     np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
                               shape=(n, lay.height, lay.width, 3))  # sparse until written
   size = os.path.getsize(partial)
-  filler = _Filler(source, lay, partial, _header_bytes(partial))
+  filler = _Filler(source, lay, partial, int(np.load(partial, mmap_mode="r").offset))
   filler.open()
   chunks = [(lo, min(lo + _CHUNK, n)) for lo in range(done, n, _CHUNK)]
   t0 = last = time.monotonic()

@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
       negatives="random", epoch_fraction=1.0, rafdb_variant="aligned", list_train="",
       list_test="", csv="", class_names=(), on_missing="error",
       fer2013_csv="", ferplus_labels="",
+      # augment_on: 'host' (decode + augment on the host, float32 batches) or 'device'
+      # (uint8 batches from an image cache in cache_dir, '' = ~/.cache/qcs_jax/images;
+      # the random augmentation in the jitted step).
+      augment_on="host", cache_dir="",
       augment=recipe_augment("rafdb"),
       synthetic=dict(num_train=10000, num_test=2000, image_size=112, seed=0,
                      confound=(), label_noise=0.05))
@@ -133,6 +137,7 @@ _CHOICES = {
     "model.name": tuple(NUM_BRANCHES),
     "data.on_bad_image": ("error", "skip"),
     "data.on_missing": ("error", "drop"),
+    "data.augment_on": ("host", "device"),
     "data.anchors": ("shuffle", "balanced"),
     "data.negatives": ("random", "balanced"),
 }

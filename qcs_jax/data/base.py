@@ -8,6 +8,8 @@ Images are always decoded to RGB, never BGR. The readers in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,6 +63,24 @@ class FERSource:
     i = int(i)
     return {"image": self.load_image(i), "label": self.labels[i], "index": i}
 
+  def fingerprint(self) -> str:
+    """A digest that changes whenever an image or label of this split may have changed.
+
+    The image cache (qcs_jax.data.image_cache) is keyed by it; a source type
+    without one can only be used with data.augment_on='host'.
+    """
+    raise NotImplementedError(f"{self.name}: {type(self).__name__} has no fingerprint(), so "
+                              "its images cannot be cached; use data.augment_on='host'")
+
+  def _digest(self, *parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(type(self).__name__.encode())
+    h.update(np.ascontiguousarray(self.labels, dtype=np.int32).tobytes())
+    for p in parts:
+      h.update(len(p).to_bytes(8, "little"))
+      h.update(p)
+    return h.hexdigest()
+
   def class_counts(self) -> np.ndarray:
     return np.bincount(self.labels, minlength=self.num_classes)
 
@@ -87,6 +107,11 @@ class InMemorySource(FERSource):
   def load_image(self, i: int) -> np.ndarray:
     return self.images[i]
 
+  def fingerprint(self) -> str:
+    """The labels and every pixel (a synthetic split's content, whatever drew it)."""
+    images = np.ascontiguousarray(self.images)
+    return self._digest(str((images.dtype.str, images.shape)).encode(), memoryview(images))
+
 
 @dataclasses.dataclass
 class FileSource(FERSource):
@@ -103,6 +128,20 @@ class FileSource(FERSource):
   def describe(self, i: int) -> str:
     where = f" ({self.origins[i]})" if self.origins else ""
     return f"{self.paths[i]}{where}"
+
+  def fingerprint(self) -> str:
+    """The labels and each file's path, size and mtime_ns (a missing file counts too).
+
+    Stats every file, reads none.
+    """
+    rows = []
+    for p in self.paths:
+      try:
+        st = os.stat(p)
+        rows.append(f"{p}\0{st.st_size}\0{st.st_mtime_ns}")
+      except OSError as e:
+        rows.append(f"{p}\0{type(e).__name__}")
+    return self._digest("\n".join(rows).encode("utf-8", "surrogateescape"))
 
   def load_image(self, i: int) -> np.ndarray:
     try:

@@ -392,6 +392,11 @@ class Transform:
   def __repr__(self) -> str:
     return f"Transform({self.augment}, img_size={self.img_size}, train={self.train})"
 
+  @property
+  def resize_size(self) -> Size:
+    """The Resize this transform starts with: (h, w), or the shorter side (keep_aspect)."""
+    return self._resize
+
   def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None,
                out: np.ndarray | None = None) -> np.ndarray:
     """Transforms one image; writes into out (float32 (S, S, 3)) when given."""

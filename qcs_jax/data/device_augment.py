@@ -77,7 +77,8 @@ def draw_params(key: Array, augment: transforms.Augment, src_hw: tuple[int, int]
   log 3.3)), h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)) (half
   to even, as Python's round), the first attempt with h < S and w < S wins and
   places its box uniformly; no valid attempt -> no erase. The raw attempts are
-  kept in the result ('erase_scales', 'erase_log_ratios') for checking.
+  kept in the result ('erase_apply': the p-coin, 'erase_scales', 'erase_log_ratios')
+  for checking; 'erase_on' says whether a box is written.
 
   All of it comes from one jax.random.bits call of 50 words (one threefry
   program per image: separate draws made the compile several times slower).
@@ -108,7 +109,7 @@ def _draw_erase(bits: Array, a: transforms.Augment, s: int) -> Params:
   """RandomErasing.get_params on the (s, s) normalised image, all 10 attempts at once."""
   if not a.erase_scale:
     zero = jnp.int32(0)
-    return dict(erase_on=jnp.bool_(False), erase_top=zero, erase_left=zero, erase_h=zero,
+    return dict(erase_apply=jnp.bool_(False), erase_on=jnp.bool_(False), erase_top=zero, erase_left=zero, erase_h=zero,
                 erase_w=zero, erase_scales=jnp.zeros((_N,), jnp.float32),
                 erase_log_ratios=jnp.zeros((_N,), jnp.float32))
   words = bits[_ERASE:].reshape(4, _N)
@@ -124,19 +125,34 @@ def _draw_erase(bits: Array, a: transforms.Augment, s: int) -> Params:
   tops = _integers(words[2], jnp.maximum(s - h + 1, 1))
   lefts = _integers(words[3], jnp.maximum(s - w + 1, 1))
   apply = _unit(bits[_ERASE_P]) < a.erase_p
-  return dict(erase_on=apply & jnp.any(valid), erase_top=tops[first], erase_left=lefts[first],
+  return dict(erase_apply=apply, erase_on=apply & jnp.any(valid), erase_top=tops[first], erase_left=lefts[first],
               erase_h=h[first], erase_w=w[first], erase_scales=scales,
               erase_log_ratios=log_ratios)
 
 
 def jitter_uint8(img: Array, factors: Array, order: Array,
                  augment: transforms.Augment) -> Array:
-  """ColorJitter: the active ops in `order`; each slot selects among the active ops."""
-  active = [i for i, v in enumerate(augment.jitter) if v]
+  """ColorJitter: the active ops of (brightness, contrast, saturation, hue) in `order`.
+
+  Brightness, contrast and saturation are one blend with different degenerate
+  images (0, the grey mean, the luma), so each of the 4 slots runs one blend and
+  (when hue is on) one hue shift and selects: a quarter of the ops of selecting
+  among all four, which keeps the compile short.
+  """
+  on = [bool(v) for v in augment.jitter]
   for slot in range(4):
+    op = order[slot]
     out = img
-    for i in active:
-      out = jnp.where(order[slot] == i, ops.JITTER_OPS[i](img, factors[i]), out)
+    if any(on[:3]):
+      degenerate = jnp.zeros_like(img)
+      if on[1] or on[2]:
+        lum = ops.luma(img)
+        mean = (2 * jnp.sum(lum) + lum.size) // (2 * lum.size)   # as ops.adjust_contrast
+        degenerate = jnp.where(op == 1, mean, jnp.where(op == 2, lum[..., None], degenerate))
+      blended = ops.blend(degenerate, img, factors[op])
+      out = jnp.where(jnp.isin(op, jnp.array([i for i in range(3) if on[i]])), blended, out)
+    if on[3]:
+      out = jnp.where(op == 3, ops.adjust_hue(img, factors[3]), out)
     img = out
   return img
 
@@ -170,6 +186,13 @@ def augment_batch(key: Array, images: Array, epoch: Array, position: Array,
                   augment: transforms.Augment, img_size: int) -> Array:
   """uint8 (B, nb, H, W, 3) -> float32 (B, nb, S, S, 3); row (a, k) from row_key(key, epoch[a],
   position[a], k). Shapes are checked at trace time (ValueError)."""
+  return augment_batch_with_params(key, images, epoch, position, augment, img_size)[0]
+
+
+def augment_batch_with_params(key: Array, images: Array, epoch: Array, position: Array,
+                              augment: transforms.Augment, img_size: int
+                              ) -> tuple[Array, Params]:
+  """augment_batch and the (B, nb, ...) parameters each row drew (for checks and logging)."""
   if images.ndim != 5 or images.shape[-1] != 3:
     raise ValueError(f"images must be (B, branches, H, W, 3), got shape {images.shape}")
   if images.dtype != jnp.uint8:
@@ -181,14 +204,12 @@ def augment_batch(key: Array, images: Array, epoch: Array, position: Array,
   b, nb = images.shape[:2]
   if epoch.shape != (b,) or position.shape != (b,):
     raise ValueError(f"epoch and position must be ({b},), got {epoch.shape}, {position.shape}")
-
-  def one(k: Array, img: Array) -> Array:
-    return apply_params(draw_params(k, augment, src, img_size), img, augment, img_size)
-
   branches = jnp.arange(nb, dtype=jnp.int32)
   keys = jax.vmap(lambda e, p: jax.vmap(lambda k: row_key(key, e, p, k))(branches))(
       epoch.astype(jnp.int32), position.astype(jnp.int32))
-  return jax.vmap(jax.vmap(one))(keys, images)
+  params = jax.vmap(jax.vmap(lambda k: draw_params(k, augment, src, img_size)))(keys)
+  out = jax.vmap(jax.vmap(lambda p, x: apply_params(p, x, augment, img_size)))(params, images)
+  return out, params
 
 
 def eval_preprocess(images: Array) -> Array:

@@ -279,7 +279,7 @@ def test_training_loop_prints_and_records_skipped_totals(tmp_path, capsys):
                   eval_batch_size=8, workers=0, on_bad_image="skip")
   cfg.data.augment.resize = 32
   cfg.init.backbone = "scratch"
-  cfg.train.update(epochs=1, progress=False, checkpoint_every=1000)
+  cfg.train.update(epochs=1, progress=False, checkpoint_every=1, log_every=1)
   loop.train_and_evaluate(cfg, str(tmp_path / "run"))
   out = capsys.readouterr().out
   rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
@@ -288,6 +288,16 @@ def test_training_loop_prints_and_records_skipped_totals(tmp_path, capsys):
   assert ev[0]["num_images"] == 14  # the empty file is masked out, not counted
   assert (f"bad images skipped (data.on_bad_image='skip'): {ev[0]['train_skipped']} training "
           "draws so far") in out and "1 test images, not counted" in out
+  # Stopped after the first step and resumed: the count of the first step comes back from
+  # the checkpoint, so the resumed run's eval row is the uninterrupted run's.
+  assert sum(r["kind"] == "train" for r in rows) >= 2
+  cfg.train.stop_after_steps = 1
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  cfg.train.stop_after_steps = 0
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  assert "(global step 1)" in capsys.readouterr().out
+  again = [json.loads(x) for x in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [r for r in again if r["kind"] == "eval"] == ev
 
 
 def test_mutated_images_decode_or_raise_one_line(tmp_path):

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qcs_jax.interop import pickle_safety as ps
+from qcs_jax.interop import unpickler
 from qcs_jax.interop.pickle_safety import (  # pylint: disable=unused-import
     ConversionError, Inert, UnsafePickleError)
 
@@ -121,7 +122,7 @@ def _read_zip(path: str, dry: bool) -> tuple[Any, set[str]]:
       return _storage_view(cache[key], view)
 
     with zf.open(pkl) as f:
-      return ps.unpickle(io.BytesIO(f.read()), load)
+      return unpickler.unpickle(io.BytesIO(f.read()), load)
 
 
 def _from_bytes(raw: bytes, dtype: np.dtype, order: str) -> np.ndarray:
@@ -151,7 +152,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
     f = _Bounded(raw_f, end)
 
     def read_meta():
-      obj, _ = ps.unpickle(f, lambda *a: None)
+      obj, _ = unpickler.unpickle(f, lambda *a: None)
       return obj
 
     if read_meta() != _LEGACY_MAGIC:
@@ -167,7 +168,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
       seen[key] = (dtype, numel)
       return _storage_view(ps.DryStorage(numel or 0, dtype), view)
 
-    _, placeholders = ps.unpickle(f, note)
+    _, placeholders = unpickler.unpickle(f, note)
     keys = read_meta()
     if not isinstance(keys, (list, tuple)):
       raise ConversionError(f'{path}: corrupt storage key list')
@@ -204,7 +205,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
         raise ConversionError(f'{path}: storage {key} missing from the file')
       return _storage_view(storages[key], view)
 
-    return ps.unpickle(f, load)
+    return unpickler.unpickle(f, load)
 
 
 def check_torch_file(path: str | os.PathLike) -> set[str]:

@@ -394,6 +394,7 @@ def test_host_policy_of_a_wildcard_bind():
   p = HostPolicy("0.0.0.0", 7860, extra=("demo.lan",))
   assert p.allows_host("192.168.1.5:7860") and p.allows_host("[fe80::1]:7860")
   assert p.allows_host("demo.lan:7860") and not p.allows_host("evil.example:7860")
+  assert p.allows_host("localhost:7860") and p.allows_host(f"{socket.gethostname()}:7860")
   assert not p.allows_host("192.168.1.5:80") and not HostPolicy("10.0.0.2", 80).allows_host(
       "localhost")
 

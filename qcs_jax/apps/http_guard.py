@@ -190,8 +190,9 @@ class HostPolicy:
 
   A server bound to a specific address answers only to that address (and, on
   loopback, 'localhost'); one bound to all interfaces (0.0.0.0 / ::) answers to
-  any IP literal -- DNS rebinding always carries the attacker's *name* -- plus
-  `extra` names. The port must be the server's.
+  any IP literal -- DNS rebinding always carries the attacker's *name* --,
+  'localhost', this computer's host name and `extra` names. The port must be
+  the server's.
   """
 
   def __init__(self, bind_host: str, port: int, extra: Iterable[str] = ()):
@@ -199,8 +200,11 @@ class HostPolicy:
     host = bind_host.lower().strip("[]")
     self.wildcard = host in ("", "0.0.0.0", "::")
     names = {host, *(h.lower() for h in extra)}
-    if host in ("localhost",) or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+    if self.wildcard or host == "localhost" or (
+        _is_ip(host) and ipaddress.ip_address(host).is_loopback):
       names |= {"localhost", "127.0.0.1", "::1"}
+    if self.wildcard:  # this computer's own name, as its users on the network type it
+      names.add(socket.gethostname().lower())
     self.names = names
 
   def allows_host(self, value: str | None) -> bool:

@@ -136,6 +136,12 @@ def class_names(args: argparse.Namespace, num_classes: int) -> tuple[tuple[str, 
   return tuple(names), f'class names ({origin}): {", ".join(names)}'
 
 
+def _one_line(e: BaseException) -> str:
+  """The message on one line (a hostile file's repr could hold newlines), at most 300 chars."""
+  text = ' '.join(str(e).split())
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
 def import_reference():
   """The PyTorch reference network (qcs_jax.interop.reference), or None without torch."""
   try:
@@ -185,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      force=args.force)
     print(f'wrote {path} ({"full model" if args.full else "backbone"})')
   except (convert.ConversionError, checkpoint.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+    return 2
+  except Exception as e:  # pylint: disable=broad-except  # a reader bug: still one line
+    print(f'error: {args.input}: {type(e).__name__}: {_one_line(e)}', file=sys.stderr)
     return 2
   if args.verify:
     reference = import_reference()

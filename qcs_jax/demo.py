@@ -24,18 +24,19 @@ BATCH = 8  # faces per model call: one compiled shape
 
 
 def recognize(model: Any, image: np.ndarray, detect: bool = True, margin: float = 0.25,
-              min_face: int = 40) -> list[dict]:
+              min_face: int = 40, max_faces: int | None = None) -> list[dict]:
   """THE adapter between the demo and the model: photo -> [{box, label, score, probabilities}].
 
   `model` is a loaded checkpoint (checkpoint.LoadedModel). Built on
   predict.BatchedClassifier and apps.faces; the one place to switch to
-  `qcs_jax.Recognizer(...).predict(image)` when it lands.
+  `qcs_jax.Recognizer(...).predict(image)` when it lands. max_faces: only the
+  largest ones are classified (bounds the model time of one photo).
   """
   from qcs_jax import predict  # pylint: disable=import-outside-toplevel
   from qcs_jax.apps import faces  # pylint: disable=import-outside-toplevel
   h, w = image.shape[:2]
   if detect:
-    boxes = faces.detect_faces(image, min(min_face, h, w))
+    boxes = faces.detect_faces(image, min(min_face, h, w))[:max_faces]
     crops = [faces.face_crop(image, b, margin) for b in boxes]
   else:
     boxes, crops = [faces.Box(0, 0, w, h)], [image]
@@ -73,7 +74,8 @@ def build_app(checkpoint: str | None, max_upload_mb: float = 10.0) -> Any:
   np.asarray(model.logits(np.zeros((BATCH, size, size, 3), np.float32)))  # compile now
   info = {"description": description, "class_names": class_names_of(model),
           "img_size": size}
-  return webdemo.DemoApp(lambda image, detect: recognize(model, image, detect), info,
+  return webdemo.DemoApp(lambda image, detect: recognize(model, image, detect,
+                                                        max_faces=webdemo.MAX_FACES), info,
                          max_bytes=int(max_upload_mb * 1024 * 1024))
 
 

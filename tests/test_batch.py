@@ -4,6 +4,7 @@ import threading
 import time
 
 import cv2
+import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
@@ -127,7 +128,7 @@ def test_cli_detector_choice_landmarks_and_no_cache(ckpt, tmp_path, capsys):
   assert "error:" in capsys.readouterr().err
 
 
-def test_old_predict_helpers_still_work(ckpt):
+def test_old_predict_helpers_still_work(ckpt, tmp_path):
   """Callers of the old predict module (demo, export, visualize) keep working."""
   loaded = checkpoint.load_model(ckpt)
   assert predict.class_names_of(loaded) == list(synthetic.CLASS_NAMES)
@@ -142,4 +143,14 @@ def test_old_predict_helpers_still_work(ckpt):
   ref = Recognizer(loaded, detector="haar").predict_faces(faces_)
   for r, s in zip(rows, ref):
     assert r["label"] == s["label"] and r["score"] == pytest.approx(s["score"], abs=1e-5)
-  assert callable(predict.read_image) and callable(predict.draw_annotations)
+  # read_image and draw_annotations still do their jobs through predict's names.
+  photo = faces_[2]
+  Image.fromarray(photo).save(tmp_path / "f.png")
+  np.testing.assert_array_equal(predict.read_image(str(tmp_path / "f.png")), photo)
+  canvas = np.zeros((60, 80, 3), np.uint8)
+  out = predict.draw_annotations(canvas, [{"box": [10, 20, 30, 25], "label": "Fear",
+                                           "score": 0.5}], str(tmp_path / "a.png"))
+  drawn = predict.read_image(out)
+  assert (drawn[20:45, 10] == [0, 255, 0]).all()        # the box's left edge, in green
+  assert (drawn[20:45, 39] == [0, 255, 0]).all()        # and its right edge
+  assert (drawn[22:43, 12:37] == 0).all() and (drawn[46:] == 0).all()  # not inside, not below

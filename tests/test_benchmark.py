@@ -41,8 +41,13 @@ def test_both_frameworks_compute_the_same_thing(bench_json):
       assert abs(j - t) <= 1e-4 * max(1.0, abs(t)), (key, other, j, t)
   assert "channels_last" in rows[(cl, "train")]["versions"]
   assert rows[("jax", "train")]["images"] == 4  # DCS: 2 anchors x 2 branches
-  for r in saved["rows"]:
-    assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["rss_peak_mib"] > 0
+  ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+  for r in saved["rows"]:  # the figures agree with each other and with what a process can be
+    assert r["ms_min"] <= r["ms_per_step"] <= r["ms_max"], r
+    assert r["images_per_s"] == pytest.approx(r["images"] / (r["ms_per_step"] / 1e3), rel=1e-9)
+    assert 0 <= r["step_mem_mib"] <= r["rss_peak_mib"], r
+    assert 50 < r["rss_peak_mib"] < ram_mib, r  # a Python with numpy and jax or torch
+    assert 0 < r["cpu_s_per_step"] and len(r["warmup_ms"]) == 1
   assert rows[("jax", "train")]["flops"] > 0  # XLA cost analysis
 
 
@@ -53,6 +58,25 @@ def test_markdown_rows_name_machine_versions_and_date(bench_json):
   assert len(md) == 6
   assert any("torch 2." in l for l in md) and any("jax 0." in l for l in md)
   assert all("dcs small 32px float32" in l for l in md)
+
+
+def test_summary_figures_are_the_measured_ones():
+  """report.summarize on known step records: median, rate, extremes, memory, first loss."""
+  class C:  # a contender's description, as runner passes it
+    name, framework, xla_flags, dtype, hello = "jax", "jax", "", "float32", {}
+
+  mib = 2**20
+  steps = [dict(wall_s=w, cpu_s=2 * w, rss_peak=p * mib, rss_start=s * mib, loss=l)
+           for w, p, s, l in ((0.30, 500, 480, 2.0), (0.10, 520, 490, 1.9), (0.14, 510, 505, 1.8))]
+  warm = [dict(wall_s=1.5, cpu_s=3.0, rss_peak=600 * mib, rss_start=100 * mib, loss=2.5)]
+  r = report.summarize("train", C, dict(images=8, flops=4e9), steps, warm, "float32")
+  # The median step (the mean, 180 ms, would hide a slow outlier's effect differently).
+  assert r["ms_per_step"] == pytest.approx(140.0) and r["images_per_s"] == pytest.approx(8 / 0.14)
+  assert (r["ms_min"], r["ms_max"]) == pytest.approx((100.0, 300.0))
+  assert r["cpu_s_per_step"] == pytest.approx(0.28) and r["warmup_ms"] == [1500]
+  assert r["rss_peak_mib"] == 600 and r["step_mem_mib"] == 30 and r["first_loss"] == 2.5
+  assert r["gflop_per_image"] == pytest.approx(0.5) and r["achieved_flops"] == pytest.approx(4e9 / 0.14)
+  assert "mfu" not in r  # CPU rows have no peak to compare with
 
 
 def test_gpu_peak_table():

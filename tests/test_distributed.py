@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -26,10 +27,25 @@ TIMEOUT_S = 900
 # (its execution graph gives them "scheduling" edges only), and gloo pairs overlapping
 # messages by arrival: under heavy load two all-reduces of a train step can be crossed and
 # gloo aborts ("collective mismatch"). Nothing is lost (the rerun resumes exactly, as the
-# kill test shows), so a run that dies with this signature, and only this, is run again.
+# kill test shows), so a run that dies with this signature, and only this, is run again,
+# once: each rerun is counted (RERUNS) and reported as a pytest warning, and a second race
+# in the same test fails it (an intermittent real collective bug must not pass unseen).
 GLOO_RACE = ("Received data size doesn't match expected size",
              "Is there a distributed collective mismatch")
-RACE_RETRIES = 2
+RACE_RETRIES = 1
+RERUNS: list[str] = []
+
+
+class GlooRaceRerun(UserWarning):
+  """A 2-process run died of the gloo race and was run again (see GLOO_RACE)."""
+
+
+def _note_rerun(where: str, outs: list[str]) -> None:
+  line = next((l for out in outs for l in out.splitlines() if any(s in l for s in GLOO_RACE)),
+              "")
+  RERUNS.append(where)
+  warnings.warn(GlooRaceRerun(f"gloo race in {where}: rerun {len(RERUNS)} of this session "
+                              f"({line.strip()[:200]})"))
 
 
 def _finish(procs) -> tuple[int, list[str]]:
@@ -51,7 +67,9 @@ def _run_to_end(workdir: str, fresh: bool) -> list[str]:
     code, outs = _finish(procs)
     if code == 0:
       return outs
-    assert attempt < RACE_RETRIES and _gloo_race(outs), _tail(procs, outs)
+    assert attempt < RACE_RETRIES and _gloo_race(outs), (
+        f"after {attempt} rerun(s): " + _tail(procs, outs))
+    _note_rerun(workdir, outs)
     if fresh:
       shutil.rmtree(workdir)
   raise AssertionError("unreachable")
@@ -138,8 +156,9 @@ def test_kill_one_process_then_rerun_all_resumes_exactly(runs, tmp_path):
     if all(p.poll() is None for p in procs):
       break
     code, out = _finish(procs)  # ended before the kill: only the gloo race may explain it
-    assert attempt < RACE_RETRIES and _gloo_race(out), "the run ended before the kill\n" + \
-        _tail(procs, out)
+    assert attempt < RACE_RETRIES and _gloo_race(out), (
+        f"the run ended before the kill (after {attempt} rerun(s))\n" + _tail(procs, out))
+    _note_rerun(killed, out)
     shutil.rmtree(killed)
   procs[1].send_signal(signal.SIGKILL)
   code, _ = _finish(procs)  # the launcher's rule: stop the others
@@ -212,3 +231,25 @@ def test_launcher_restarts_all_processes_after_a_failure(tmp_path, capfd):
   assert "starting all 2 again (1 of 1 restarts)" in capfd.readouterr().err
   with pytest.raises(ValueError, match="restarts must be >= 0, got -1"):
     distributed.run_local(cmd, 2, restarts=-1)
+
+
+def test_a_gloo_race_is_rerun_once_reported_and_a_second_one_fails(tmp_path, monkeypatch):
+  """The rerun rule itself, with the launcher faked: no processes are started."""
+  race = "E1207 gloo: Received data size doesn't match expected size"
+  results = []
+  monkeypatch.setattr(sys.modules[__name__], "_launch", lambda workdir: [])
+  monkeypatch.setattr(sys.modules[__name__], "_finish", lambda procs: results.pop(0))
+  monkeypatch.setattr(sys.modules[__name__], "RERUNS", [])
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  results[:] = [(1, [race, ""]), (0, ["ok", "ok"])]
+  with pytest.warns(GlooRaceRerun, match=r"rerun 1 of this session \(E1207 gloo"):
+    assert _run_to_end(str(workdir), fresh=False) == ["ok", "ok"]
+  assert RERUNS == [str(workdir)]
+  results[:] = [(1, [race, ""]), (1, ["", race])]
+  with pytest.warns(GlooRaceRerun), pytest.raises(AssertionError, match=r"after 1 rerun"):
+    _run_to_end(str(workdir), fresh=False)
+  results[:] = [(1, ["Segmentation fault", ""])]  # any other failure: no rerun at all
+  with pytest.raises(AssertionError, match=r"after 0 rerun"):
+    _run_to_end(str(workdir), fresh=False)
+  assert len(RERUNS) == 2

@@ -3,6 +3,7 @@ the eval row of a resumed epoch, torn metrics lines, an unreadable latest checkp
 a full disk while saving."""
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def _rows(path):
   return [json.loads(l) for l in open(path)]
 
 
-def test_truncate_keeps_the_eval_row_of_the_epoch_a_checkpoint_follows(tmp_path):
+def test_truncate_keeps_the_eval_row_of_the_epoch_a_checkpoint_follows(tmp_path, caplog):
   """The bug of issue 19: meta epoch 1 (saved after epoch 1's evaluation) dropped that row."""
   path = str(tmp_path / "metrics.jsonl")
   rows = ([{"kind": "train", "step": s, "epoch": (s - 1) // 3} for s in (1, 2, 3)]
@@ -32,8 +33,11 @@ def test_truncate_keeps_the_eval_row_of_the_epoch_a_checkpoint_follows(tmp_path)
   with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
     f.write('{"kind": "train", "st')  # a write cut short by a kill
-  checkpoints.truncate_metrics(path, global_step=3, epoch=1)
+  with caplog.at_level(logging.WARNING, logger=checkpoints.log.name):
+    checkpoints.truncate_metrics(path, global_step=3, epoch=1)
   assert _rows(path) == rows[:4]
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{path}: dropping a torn last line (a write was interrupted)"]
   checkpoints.truncate_metrics(path, global_step=2, epoch=0)  # mid epoch 1: its eval redone
   assert _rows(path) == rows[:2]
 

@@ -111,22 +111,45 @@ def test_cmyk_tiff_and_jpeg(tmp_path):
   assert got.shape == rgb.shape and np.abs(got - rgb).mean() < 12
 
 
+def _s15(x: float) -> bytes:
+  return struct.pack(">i", int(round(x * 65536)))
+
+
+def flat_cmyk_profile(y: float) -> bytes:
+  """A minimal ICC v2 CMYK printer profile whose A2B0 maps *every* CMYK value to one grey
+  (PCS XYZ = y x D50 white): what its conversion gives cannot come from the plain formula."""
+  lut = b"mft2" + bytes(4) + bytes([4, 3, 2, 0])
+  lut += b"".join(_s15(1.0 if r == c else 0.0) for r in range(3) for c in range(3))
+  lut += struct.pack(">HH", 2, 2) + struct.pack(">HH", 0, 65535) * 4  # identity input curves
+  grey = [min(65535, round(v * y * 32768)) for v in (0.9642, 1.0, 0.8249)]
+  lut += struct.pack(">HHH", *grey) * 2 ** 4 + struct.pack(">HH", 0, 65535) * 3
+  wtpt = b"XYZ " + bytes(4) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+  table_end = 128 + 4 + 12 * 2
+  body = lut + wtpt
+  size = table_end + len(body)
+  head = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"prtrCMYKXYZ "
+          + bytes(12) + b"acsp" + bytes(28) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+          + bytes(48))
+  tags = (b"A2B0" + struct.pack(">II", table_end, len(lut))
+          + b"wtpt" + struct.pack(">II", table_end + len(lut), len(wtpt)))
+  return head + struct.pack(">I", 2) + tags + body
+
+
 def test_cmyk_with_icc_profile_uses_it(tmp_path):
   from PIL import ImageCms
-  profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+  profile = flat_cmyk_profile(0.2)
   rgb = face(4)
   Image.fromarray(rgb).convert("CMYK").save(tmp_path / "icc.tif", icc_profile=profile)
-  called = []
-  real = ImageCms.profileToProfile
-
-  def spy(*a, **k):
-    called.append(1)
-    return real(*a, **k)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(ImageCms, "profileToProfile", spy)
-    got = images.decode_rgb(str(tmp_path / "icc.tif"))
-  assert called and got.shape == rgb.shape and got.dtype == np.uint8
+  got = images.decode_rgb(str(tmp_path / "icc.tif")).astype(int)
+  with Image.open(tmp_path / "icc.tif") as im:
+    plain = np.asarray(im.convert("RGB")).astype(int)
+    want = np.asarray(ImageCms.profileToProfile(
+        im, ImageCms.ImageCmsProfile(io.BytesIO(profile)), ImageCms.createProfile("sRGB"),
+        outputMode="RGB")).astype(int)
+  assert plain.max() - plain.min() > 200           # the plain formula keeps the colours
+  grey = np.median(got)  # the profile's one grey (lcms rounds a pixel or two at the corners)
+  assert (np.abs(got - grey).max(-1) <= 2).mean() >= 0.99 and 10 < grey < 245
+  np.testing.assert_array_equal(got, want)
 
 
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
@@ -165,9 +188,11 @@ def test_exif_orientation_only_when_asked(tmp_path):
   im = Image.fromarray(rgb)
   exif = im.getexif()
   exif[0x0112] = 6  # rotate 90 degrees clockwise to view
-  im.save(tmp_path / "o.jpg", exif=exif, quality=100)
-  assert images.decode_rgb(str(tmp_path / "o.jpg")).shape == (8, 6, 3)
-  assert images.decode_rgb(str(tmp_path / "o.jpg"), exif_transpose=True).shape == (6, 8, 3)
+  im.save(tmp_path / "o.png", exif=exif)  # lossless: the pixels themselves are compared
+  np.testing.assert_array_equal(images.decode_rgb(str(tmp_path / "o.png")), rgb)
+  upright = images.decode_rgb(str(tmp_path / "o.png"), exif_transpose=True)
+  # Orientation 6: the stored image turned 90 degrees clockwise (np.rot90 turns anticlockwise).
+  np.testing.assert_array_equal(upright, np.rot90(rgb, k=-1))
 
 
 # ------------------------------------------------------------------ evaluate skips and counts
@@ -254,7 +279,7 @@ def test_training_loop_prints_and_records_skipped_totals(tmp_path, capsys):
                   eval_batch_size=8, workers=0, on_bad_image="skip")
   cfg.data.augment.resize = 32
   cfg.init.backbone = "scratch"
-  cfg.train.update(epochs=1, progress=False, checkpoint_every=1000)
+  cfg.train.update(epochs=1, progress=False, checkpoint_every=1, log_every=1)
   loop.train_and_evaluate(cfg, str(tmp_path / "run"))
   out = capsys.readouterr().out
   rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
@@ -263,6 +288,16 @@ def test_training_loop_prints_and_records_skipped_totals(tmp_path, capsys):
   assert ev[0]["num_images"] == 14  # the empty file is masked out, not counted
   assert (f"bad images skipped (data.on_bad_image='skip'): {ev[0]['train_skipped']} training "
           "draws so far") in out and "1 test images, not counted" in out
+  # Stopped after the first step and resumed: the count of the first step comes back from
+  # the checkpoint, so the resumed run's eval row is the uninterrupted run's.
+  assert sum(r["kind"] == "train" for r in rows) >= 2
+  cfg.train.stop_after_steps = 1
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  cfg.train.stop_after_steps = 0
+  loop.train_and_evaluate(cfg, str(tmp_path / "resumed"))
+  assert "(global step 1)" in capsys.readouterr().out
+  again = [json.loads(x) for x in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [r for r in again if r["kind"] == "eval"] == ev
 
 
 def test_mutated_images_decode_or_raise_one_line(tmp_path):

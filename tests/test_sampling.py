@@ -156,9 +156,16 @@ def test_singleton_class_reused_and_warned_once(caplog, monkeypatch):
 
 
 def test_empty_classes_and_errors():
-  s = BranchSampler(np.array([0, 0, 2, 2]), 4, seed=0, num_classes=5)  # classes 1, 3, 4 empty
-  t = s.epoch_indices(0)
-  assert set(np.unique(t)) <= {0, 1, 2, 3}
+  labels = np.array([0, 2, 0, 2, 2, 0])  # classes 1, 3, 4 empty
+  for anchors in ("shuffle", "balanced"):
+    for negatives in ("random", "balanced"):
+      s = BranchSampler(labels, 4, seed=0, num_classes=5, anchors=anchors, negatives=negatives)
+      y = labels[np.concatenate([s.epoch_indices(e) for e in range(50)])]
+      # An empty class drawn as the negative class would give some other class's image
+      # (order[start[c]]), often the anchor's own: negatives always of the other class.
+      assert (y[:, 0] == y[:, 1]).all() and (y[:, 2] == y[:, 3]).all()
+      assert (y[:, 2] != y[:, 0]).all(), (anchors, negatives)
+      assert set(np.unique(y[:, 0])) == {0, 2}, (anchors, negatives)  # both classes anchor
   with pytest.raises(ValueError, match="at least 2 classes"):
     BranchSampler(np.zeros(6, int), 4, seed=0)
   BranchSampler(np.zeros(6, int), 2, seed=0)  # DCS needs no negatives

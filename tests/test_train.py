@@ -89,17 +89,16 @@ def test_train_end_to_end_writes_outputs(full_run):
   again = evaluate.evaluate_checkpoint(tiny_config(), workdir, progress=False)
   np.testing.assert_array_equal(np.asarray(again["confusion_matrix"]), cm)
   assert again["accuracy"] == best["best_accuracy"]
-  # Its logits are the model's on the checkpoint's variables; the last epoch's state
-  # (the orbax checkpoint) is the best model when the best epoch is the last one.
+  # Its logits are the model's on the checkpoint's variables; best/ holds the last epoch's
+  # state (the latest orbax checkpoint) exactly when the best epoch is the last one.
   loaded = ckpt_io.load_model(os.path.join(workdir, "best"))
   x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
   logits = np.asarray(loaded.logits(x))
   want = build_model(tiny_config().model).apply(loaded.variables, x, method="infer")
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(again["preds"], np.argmax(again["probs"], -1))
-  if best["best_epoch"] == 2:
-    last = checkpoints.latest_variables(workdir)
-    assert tree_rel_err(loaded.variables, last) == 0.0
+  last = checkpoints.latest_variables(workdir)
+  assert (tree_rel_err(loaded.variables, last) == 0.0) == (best["best_epoch"] == 2), best
 
 
 def _assert_same_variables(workdir_a, workdir_b):
@@ -109,12 +108,29 @@ def _assert_same_variables(workdir_a, workdir_b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_resume_after_stop_is_exact(full_run, tmp_path):
+def _checkpoint_steps(workdir):
+  ck = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ck) if d.isdigit()) if os.path.isdir(ck) else []
+
+
+def _assert_restored(out: str, workdir: str, step: int) -> None:
+  """The rerun restored `step` (it says so), and set no checkpoint aside: deterministic
+  training started over would reproduce the same weights and rows, so equality alone
+  proves nothing."""
+  assert f"(global step {step})" in out and "resuming" in out, out[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
+  assert "unreadable" not in out
+
+
+def test_resume_after_stop_is_exact(full_run, tmp_path, capsys):
   part = str(tmp_path / "part")
   stopped = tiny_config()
   stopped.train.stop_after_steps = 13  # mid epoch 2 (9 steps per epoch), after a save at 12
   loop.train_and_evaluate(stopped, part)
+  assert _checkpoint_steps(part)[-1] == 12
+  capsys.readouterr()
   loop.train_and_evaluate(tiny_config(), part)  # the same command again resumes
+  _assert_restored(capsys.readouterr().out, part, 12)
   _assert_same_variables(full_run[0], part)
   rows = [json.loads(l) for l in open(os.path.join(part, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if r["kind"] == "train"]
@@ -141,7 +157,11 @@ def test_resume_after_sigkill_is_exact(full_run, tmp_path):
   assert proc.poll() is None, "the run ended before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  subprocess.run(cmd, env=env, check=True, cwd=ROOT, capture_output=True, timeout=600)
+  steps = _checkpoint_steps(killed)
+  assert steps and steps[-1] >= 2, steps  # 5 rows logged: a checkpoint every 2 steps
+  rerun = subprocess.run(cmd, env=env, check=True, cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+  _assert_restored(rerun.stdout + rerun.stderr, killed, steps[-1])
   _assert_same_variables(full_run[0], killed)
 
 

@@ -8,15 +8,20 @@ can only copy data the pickle already holds (``bytearray(10**12)`` or
 placeholders that record their state and run nothing. Every other global
 (``os.system``, ``subprocess.Popen``, ``builtins.eval``, ...) is refused with a
 `UnsafePickleError` naming it, before anything it names is called.
+
+Each load has its own `Budget`: the opcodes run, the memo, the distinct
+globals named and the tensor bytes materialised beyond the file's own storages
+are counted against `LIMITS`, and every object a global stands for is made
+afresh for that load (BUILD may only set the state of objects the load itself
+created: placeholders, arrays, dicts), so nothing one file does reaches another.
+The unpickler that runs a pickle under these rules is interop/unpickler.py.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import importlib
 import math
-import pickle
 from typing import Any, Callable
 
 import numpy as np
@@ -39,6 +44,10 @@ class Limits:
   max_zip_entries: int = 200_000
   max_zip_ratio: float = 100.0          # uncompressed / compressed, for entries > 1 MiB
   max_broadcast_bytes: int = 64 << 20   # a tensor larger than its storage (stride 0)
+  max_expansion_bytes: int = 256 << 20  # tensor bytes beyond the storages', whole file
+  max_pickle_ops: int = 1_000_000       # opcodes run per pickle (~75 B of objects each)
+  max_memo: int = 500_000               # memo entries per pickle
+  max_globals: int = 1_000              # distinct globals one pickle may name
 
 
 LIMITS = Limits()
@@ -129,8 +138,8 @@ class Inert:
     return f'<inert {self.qualname}>'
 
 
-@functools.lru_cache(maxsize=None)
 def inert_class(module: str, name: str) -> type:
+  """A new placeholder class (each load makes its own: no process-wide cache to fill)."""
   return type(name, (Inert,), {'qualname': f'{module}.{name}'})
 
 
@@ -144,63 +153,114 @@ class _Marker:
     return f'<{self.name}>'
 
 
-_NDARRAY = _Marker('numpy.ndarray')
-_TENSOR_TYPES = {('torch', 'Tensor'), ('torch.nn.parameter', 'Parameter')}
+_TENSOR_TYPES = {'torch.Tensor', 'torch.nn.parameter.Parameter'}
+
+
+class Budget:
+  """What one load may spend: opcodes, memo, globals, materialised tensor bytes.
+
+  Also makes the objects the load's globals stand for, afresh, and remembers
+  which rebuild functions are its own (`_rebuild_from_type_v2` accepts only those).
+  """
+
+  def __init__(self, limits: 'Limits'):
+    self.limits = limits
+    self.ops = 0
+    self.globals: set[tuple[str, str]] = set()
+    self.storage_bytes = 0   # bytes of the distinct storages loaded so far
+    self.tensor_bytes = 0    # bytes of the tensors rebuilt so far
+    self._storages: set[str] = set()
+    self.inert: dict[tuple[str, str], type] = {}
+    self.rebuilders = {'_rebuild_tensor': self.rebuild_tensor,
+                       '_rebuild_tensor_v2': self.rebuild_tensor,
+                       '_rebuild_tensor_v3': self._rebuild_tensor_v3,
+                       '_rebuild_parameter': _rebuild_parameter,
+                       '_rebuild_parameter_with_state': _rebuild_parameter}
+    self._rebuilder_ids = {id(f) for f in self.rebuilders.values()}
+
+  def name_global(self, module: str, name: str) -> None:
+    self.globals.add((module, name))
+    if len(self.globals) > self.limits.max_globals:
+      raise UnsafePickleError(f'the pickle names more than {self.limits.max_globals} '
+                              'distinct globals')
+
+  def note_storage(self, key: str, storage: Any) -> None:
+    """A storage named by the pickle; each key's bytes count once however often it is named."""
+    if key not in self._storages and storage is not None:
+      self._storages.add(key)
+      self.storage_bytes += int(storage.size) * storage.dtype.itemsize
+
+  def rebuild_tensor(self, storage, offset, size, stride, *unused):
+    """torch._utils._rebuild_tensor(_v2) on a numpy (or dry) storage, sizes checked first."""
+    del unused
+    if not isinstance(storage, (np.ndarray, DryStorage)):
+      raise ConversionError(f'tensor storage is a {type(storage).__name__}: corrupt file')
+    size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
+    offset = int(offset)
+    if any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
+      raise ConversionError(f'tensor with negative shape {size}, stride {stride} or offset '
+                            f'{offset}: corrupt file')
+    numel = math.prod(size)
+    nbytes = numel * storage.dtype.itemsize
+    need = 0 if numel == 0 else offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    if need > storage.size:
+      raise ConversionError(
+          f'tensor of shape {size} reads past its storage ({storage.size} '
+          'elements): corrupt file')
+    lim = self.limits
+    if numel > storage.size and nbytes > lim.max_broadcast_bytes:
+      raise UnsafePickleError(
+          f'tensor of shape {size} ({nbytes} bytes) is larger than its storage '
+          f'({storage.size} elements) and the {lim.max_broadcast_bytes}-byte limit')
+    self.tensor_bytes += nbytes
+    if self.tensor_bytes > self.storage_bytes + lim.max_expansion_bytes:
+      raise UnsafePickleError(
+          f'the tensors so far take {self.tensor_bytes} bytes, more than their storages '
+          f'({self.storage_bytes} bytes) plus the {lim.max_expansion_bytes}-byte limit '
+          '(views repeated or broadcast)')
+    if isinstance(storage, DryStorage):
+      return None
+    if not size:
+      return np.array(storage[offset])
+    if numel == 0:
+      return np.zeros(size, storage.dtype)
+    item = storage.itemsize
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=size, strides=[s * item for s in stride]).copy()
+
+  def _rebuild_tensor_v3(self, storage, offset, size, stride, requires_grad, hooks,
+                         dtype, *unused):
+    del dtype, requires_grad, hooks, unused
+    return self.rebuild_tensor(storage, offset, size, stride)
+
+  def rebuild_from_type_v2(self, func, new_type, args, state):
+    """torch._tensor._rebuild_from_type_v2 for plain tensors and parameters only.
+
+    `state` holds the tensor's Python attributes (t.note = ...): dropped, as
+    numpy arrays take none and the converter reads only the values.
+    """
+    del state
+    name = new_type.name if isinstance(new_type, _Marker) else None
+    if id(func) not in self._rebuilder_ids or name not in _TENSOR_TYPES:
+      raise UnsafePickleError(f'refusing to rebuild a tensor of type {new_type!r} with '
+                              f'{func!r}')
+    return func(*args)
+
+  def inert_class(self, module: str, name: str) -> type:
+    key = (module, name)
+    if key not in self.inert:
+      self.inert[key] = inert_class(module, name)
+    return self.inert[key]
 
 
 def rebuild_tensor(storage, offset, size, stride, *unused):
-  """torch._utils._rebuild_tensor(_v2) on a numpy (or dry) storage, sizes checked first."""
-  del unused
-  size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
-  offset = int(offset)
-  if any(n < 0 for n in size) or any(s < 0 for s in stride) or offset < 0:
-    raise ConversionError(f'tensor with negative shape {size}, stride {stride} or offset '
-                          f'{offset}: corrupt file')
-  numel = math.prod(size)
-  nbytes = numel * storage.dtype.itemsize
-  need = 0 if numel == 0 else offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
-  if need > storage.size:
-    raise ConversionError(
-        f'tensor of shape {size} reads past its storage ({storage.size} '
-        'elements): corrupt file')
-  if numel > storage.size and nbytes > LIMITS.max_broadcast_bytes:
-    raise UnsafePickleError(
-        f'tensor of shape {size} ({nbytes} bytes) is larger than its storage '
-        f'({storage.size} elements) and the {LIMITS.max_broadcast_bytes}-byte limit')
-  if isinstance(storage, DryStorage):
-    return None
-  if not size:
-    return np.array(storage[offset])
-  if numel == 0:
-    return np.zeros(size, storage.dtype)
-  item = storage.itemsize
-  return np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=[s * item for s in stride]).copy()
-
-
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks,
-                       dtype, *unused):
-  del dtype, requires_grad, hooks, unused
-  return rebuild_tensor(storage, offset, size, stride)
+  """One tensor rebuilt under the default limits (a budget of its own)."""
+  return Budget(LIMITS).rebuild_tensor(storage, offset, size, stride, *unused)
 
 
 def _rebuild_parameter(data, *unused):
   del unused
   return data
-
-
-_REBUILDERS = {'_rebuild_tensor': rebuild_tensor, '_rebuild_tensor_v2': rebuild_tensor,
-               '_rebuild_tensor_v3': _rebuild_tensor_v3,
-               '_rebuild_parameter': _rebuild_parameter,
-               '_rebuild_parameter_with_state': _rebuild_parameter}
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-  """torch._tensor._rebuild_from_type_v2 for plain tensors and parameters only."""
-  del state
-  if func not in _REBUILDERS.values() or new_type not in _TENSOR_TYPES:
-    raise UnsafePickleError(f'refusing to rebuild a tensor of type {new_type!r} with {func!r}')
-  return func(*args)
 
 
 def _reconstructor(cls, base, state):
@@ -213,7 +273,8 @@ def _reconstructor(cls, base, state):
 
 def _numpy_reconstruct(subtype, shape, dtype):
   """numpy's array pickling first makes an empty (0,) array; its data comes in BUILD."""
-  if subtype is not _NDARRAY or math.prod(tuple(shape)) > 0:
+  if not (isinstance(subtype, _Marker) and subtype.name == 'numpy.ndarray') or math.prod(
+      tuple(shape)) > 0:
     raise UnsafePickleError(f'refusing numpy _reconstruct({subtype!r}, {shape!r})')
   return _numpy_multiarray()._reconstruct(np.ndarray, shape, dtype)  # pylint: disable=protected-access
 
@@ -229,6 +290,15 @@ def _numpy_scalar(dtype, data=None):
   if not isinstance(dtype, np.dtype) or dtype.hasobject:
     raise UnsafePickleError(f'refusing numpy scalar of dtype {dtype!r}')
   return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def _numpy_dtype(obj, align=False, copy=False):
+  """numpy.dtype(...), always a copy: BUILD then sets the state of this load's own object,
+  never of numpy's shared float32."""
+  del copy
+  if not isinstance(obj, str):
+    raise UnsafePickleError(f'refusing numpy.dtype of a {type(obj).__name__}')
+  return np.dtype(obj, bool(align), True)
 
 
 def _codecs_encode(obj, encoding='utf-8', errors='strict'):
@@ -256,28 +326,26 @@ def _copying(ctor: Callable, accepts: tuple[type, ...]) -> Callable:
   return build
 
 
-_SAFE_BUILTINS = {
-    'set': _copying(set, _MATERIAL), 'frozenset': _copying(frozenset, _MATERIAL),
-    'tuple': _copying(tuple, _MATERIAL), 'list': _copying(list, _MATERIAL),
-    'dict': _copying(dict, _MATERIAL),
-    'bytes': _copying(bytes, (bytes, bytearray, str)),
-    'bytearray': _copying(bytearray, (bytes, bytearray, str)),
-    'str': _copying(str, (str, bytes, bytearray, int, float)),
-    'int': _copying(int, (str, int, float, bytes)), 'float': _copying(float, (str, int, float)),
-    'complex': _copying(complex, (str, int, float, complex)),
-    'bool': _copying(bool, (int, bool)), 'slice': slice, 'range': range,
+_SAFE_BUILTINS: dict[str, tuple[Callable, tuple[type, ...]] | None] = {
+    'set': (set, _MATERIAL), 'frozenset': (frozenset, _MATERIAL),
+    'tuple': (tuple, _MATERIAL), 'list': (list, _MATERIAL), 'dict': (dict, _MATERIAL),
+    'bytes': (bytes, (bytes, bytearray, str)), 'bytearray': (bytearray, (bytes, bytearray, str)),
+    'str': (str, (str, bytes, bytearray, int, float)), 'int': (int, (str, int, float, bytes)),
+    'float': (float, (str, int, float)), 'complex': (complex, (str, int, float, complex)),
+    'bool': (bool, (int, bool)), 'slice': None, 'range': None,
 }
 
 
-def allowed_global(module: str, name: str) -> Any:
-  """The object a restricted load uses for `module.name`; None if it is not harmless."""
+def allowed_global(module: str, name: str, budget: Budget | None = None) -> Any:
+  """A new object standing for `module.name` in one load; None if it is not harmless."""
+  budget = budget or Budget(LIMITS)
   if (module, name) == ('collections', 'OrderedDict'):
     return _copying(collections.OrderedDict, _MATERIAL)
   if module == 'torch._utils':
-    return _REBUILDERS.get(name)
+    return budget.rebuilders.get(name)
   if (module, name) == ('torch._tensor', '_rebuild_from_type_v2'):
-    return _rebuild_from_type_v2
-  if (module, name) in _TENSOR_TYPES:
+    return budget.rebuild_from_type_v2
+  if f'{module}.{name}' in _TENSOR_TYPES:
     return _Marker(f'{module}.{name}')
   if module == 'torch':
     if name.endswith('Storage'):
@@ -287,66 +355,33 @@ def allowed_global(module: str, name: str) -> Any:
     if name == 'device':
       return _copying(str, (str,))
     if name in _TORCH_DTYPES:
-      return np.dtype(_TORCH_DTYPES[name])
+      return np.dtype(_TORCH_DTYPES[name], copy=True)
     if name == 'bfloat16':
-      return np.dtype(bfloat16())
+      return np.dtype(bfloat16(), copy=True)
   if module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
     if name == '_reconstruct':
-      return _numpy_reconstruct
+      return _copying_fn(_numpy_reconstruct)
     if name == 'scalar':
-      return _numpy_scalar
+      return _copying_fn(_numpy_scalar)
   if (module, name) == ('numpy', 'ndarray'):
-    return _NDARRAY
+    return _Marker('numpy.ndarray')
   if (module, name) == ('numpy', 'dtype'):
-    return np.dtype
+    return _copying_fn(_numpy_dtype)
   if module == 'numpy.dtypes' and name.endswith('DType'):
-    return getattr(np.dtypes, name, None)
+    cls = getattr(np.dtypes, name, None)
+    return None if cls is None else _copying_fn(lambda *a: np.dtype(cls(*a), copy=True))
   if (module, name) == ('_codecs', 'encode'):
-    return _codecs_encode
+    return _copying_fn(_codecs_encode)
   if (module, name) == ('copyreg', '_reconstructor'):
-    return _reconstructor
-  if module in ('builtins', '__builtin__'):
-    return _SAFE_BUILTINS.get(name)
+    return _copying_fn(_reconstructor)
+  if module in ('builtins', '__builtin__') and name in _SAFE_BUILTINS:
+    spec = _SAFE_BUILTINS[name]
+    if spec is None:
+      return _copying_fn(slice if name == 'slice' else range)
+    return _copying(*spec)
   return None
 
 
-# The pure-Python unpickler keeps its memo in a dict: the C one sizes a list by
-# the largest memo index a pickle names, so LONG_BINPUT 2**31 would take 16 GiB.
-_PyUnpickler = pickle._Unpickler  # pylint: disable=protected-access
-
-
-class RestrictedUnpickler(_PyUnpickler):
-  """Tensors, storages, containers and numpy arrays; __main__ classes inert; all else refused."""
-
-  def __init__(self, file, storage_loader):
-    super().__init__(file)
-    self._storage_loader = storage_loader
-    self.placeholders: set[str] = set()
-
-  def find_class(self, module, name):
-    module, name = str(module), str(name)
-    obj = allowed_global(module, name)
-    if obj is not None:
-      return obj
-    if module in PLACEHOLDER_MODULES:
-      self.placeholders.add(f'{module}.{name}')
-      return inert_class(module, name)
-    raise UnsafePickleError(
-        f'refusing to load: the pickle calls {qualified(module, name)}, which is outside '
-        'the harmless set (tensors, storages, containers, numpy arrays, classes of a '
-        '__main__ training script); nothing was run')
-
-  def persistent_load(self, pid):
-    if not isinstance(pid, tuple) or len(pid) < 3 or pid[0] != 'storage':
-      raise ConversionError(f'unknown persistent id {pid!r}')
-    storage_type, key = pid[1], str(pid[2])
-    if not isinstance(storage_type, StorageType):
-      raise ConversionError(f'unknown storage type {storage_type!r}')
-    numel = pid[4] if len(pid) > 4 and isinstance(pid[4], int) else None
-    view = pid[5] if len(pid) > 5 else None
-    return self._storage_loader(storage_type.dtype, key, numel, view)
-
-
-def unpickle(data, storage_loader) -> tuple[Any, set[str]]:
-  up = RestrictedUnpickler(data, storage_loader)
-  return up.load(), up.placeholders
+def _copying_fn(fn: Callable) -> Callable:
+  """A new function object calling `fn`: what a BUILD could alter is this load's alone."""
+  return lambda *args: fn(*args)

@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import re
+import reprlib
 import struct
 import zipfile
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from qcs_jax.interop import pickle_safety as ps
+from qcs_jax.interop import unpickler
 from qcs_jax.interop.pickle_safety import (  # pylint: disable=unused-import
     ConversionError, Inert, UnsafePickleError)
 
@@ -120,7 +122,7 @@ def _read_zip(path: str, dry: bool) -> tuple[Any, set[str]]:
       return _storage_view(cache[key], view)
 
     with zf.open(pkl) as f:
-      return ps.unpickle(io.BytesIO(f.read()), load)
+      return unpickler.unpickle(io.BytesIO(f.read()), load)
 
 
 def _from_bytes(raw: bytes, dtype: np.dtype, order: str) -> np.ndarray:
@@ -150,7 +152,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
     f = _Bounded(raw_f, end)
 
     def read_meta():
-      obj, _ = ps.unpickle(f, lambda *a: None)
+      obj, _ = unpickler.unpickle(f, lambda *a: None)
       return obj
 
     if read_meta() != _LEGACY_MAGIC:
@@ -166,7 +168,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
       seen[key] = (dtype, numel)
       return _storage_view(ps.DryStorage(numel or 0, dtype), view)
 
-    _, placeholders = ps.unpickle(f, note)
+    _, placeholders = unpickler.unpickle(f, note)
     keys = read_meta()
     if not isinstance(keys, (list, tuple)):
       raise ConversionError(f'{path}: corrupt storage key list')
@@ -203,7 +205,7 @@ def _read_legacy(path: str, dry: bool) -> tuple[Any, set[str]]:
         raise ConversionError(f'{path}: storage {key} missing from the file')
       return _storage_view(storages[key], view)
 
-    return ps.unpickle(f, load)
+    return unpickler.unpickle(f, load)
 
 
 def check_torch_file(path: str | os.PathLike) -> set[str]:
@@ -229,18 +231,21 @@ def _read_restricted(path: str, dry: bool) -> tuple[Any, set[str]]:
   kind = _sniff(path)
   try:
     return _read_zip(path, dry) if kind == 'zip' else _read_legacy(path, dry)
-  except UnsafePickleError as e:
-    msg = str(e)
-    raise UnsafePickleError(msg if msg.startswith(path) else f'{path}: {msg}') from None
-  except ConversionError:
-    raise
+  except ConversionError as e:  # UnsafePickleError too: the same type, naming the file
+    msg = one_line(e, 300)
+    raise type(e)(msg if msg.startswith(path) else f'{path}: {msg}') from None
   except (EOFError, zipfile.BadZipFile, struct.error) as e:
     raise ConversionError(f'{path}: truncated or corrupt file ({e})') from e
-  except (pickle.UnpicklingError, KeyError, ValueError, TypeError, IndexError,
-          AttributeError, OverflowError, MemoryError, RecursionError) as e:
+  except Exception as e:  # pylint: disable=broad-except  # every other failure: one line
     raise ConversionError(
         f'{path}: corrupt or not a PyTorch checkpoint ({type(e).__name__}: '
-        f'{e})') from e
+        f'{one_line(e)})') from e
+
+
+def one_line(e: BaseException | str, limit: int = 200) -> str:
+  """An exception's text on one line, at most `limit` characters."""
+  text = ' '.join(str(e).split())
+  return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def _sniff(path: str) -> str:
@@ -311,11 +316,20 @@ def _extract_state_dict(obj: Any, path: str) -> tuple[dict, str]:
   return sd, what
 
 
+_REPR = reprlib.Repr()  # Python 3.11's takes no keyword arguments
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 30, 30
+
+
 def _short(v: Any) -> str:
+  """A metadata value for the report; reprlib's depth limit (a 100k-deep list in `epoch`
+  would make repr() raise RecursionError)."""
   v = _to_numpy(v)
   if isinstance(v, (np.ndarray, np.generic)) and np.size(v) == 1:
-    return f'{np.asarray(v).item():g}'
-  return repr(v)[:40]
+    try:
+      return f'{np.asarray(v).item():g}'
+    except (TypeError, ValueError):
+      pass
+  return _REPR.repr(v)[:40]
 
 
 def load_torch_file(path: str | os.PathLike, prefer_torch: bool = True
@@ -353,5 +367,11 @@ def load_torch_file(path: str | os.PathLike, prefer_torch: bool = True
     obj, placeholders = read_torch_file_restricted(path)
     if placeholders:
       how += '; inert placeholders for ' + ', '.join(sorted(placeholders))
-  sd, what = _extract_state_dict(obj, path)
+  try:
+    sd, what = _extract_state_dict(obj, path)
+  except ConversionError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # odd objects inside the file
+    raise ConversionError(f'{path}: cannot read the checkpoint object ({type(e).__name__}: '
+                          f'{one_line(e)})') from None
   return sd, f'{how}; {what}'

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import tiny_model_cfg
 from qcs_jax import config as config_lib
+from qcs_jax.data import transforms
 from qcs_jax.training import lowering, state as train_state
 
 ACCELERATORS = ("cuda", "tpu")
@@ -95,3 +96,21 @@ def test_eval_step_programs(platform, devices, dtype):
   assert s.data_sharded == ("x",), s.data_sharded
   assert s.bf16_convolutions == (s.convolutions if dtype == "bfloat16" else 0)
   assert s.donated == 0   # the variables are kept for the next batch
+
+
+def test_device_augmentation_runs_inside_the_accelerator_step():
+  """data.augment_on='device': uint8 images at the recipe's resize size in, the
+  augmentation in the program (gathers and selects, no loop, no host callback).
+  AffectNet's recipe: every op (rotation, crop, flip, jitter, erasing)."""
+  cfg = _cfg("qcs")
+  cfg.data.augment = transforms.recipe_augment("affectnet", cfg.model.img_size)
+  cfg.data.augment_on = "device"
+  mesh = train_state.make_mesh(jax.devices())
+  for platform in ACCELERATORS:
+    s = lowering.summarize(lowering.export_train_step(cfg, (platform,), mesh, batch_size=8))
+    assert s.loops == 0 and not s.custom_calls, s
+    assert s.uint8_inputs == ("images",), s.uint8_inputs
+    assert s.data_sharded == ("images", "labels", "epoch", "position"), s.data_sharded
+    assert s.donated == s.arguments - 4
+  e = lowering.summarize(lowering.export_eval_step(cfg, ("cuda",), mesh, batch_size=8))
+  assert e.uint8_inputs == ("x",) and e.data_sharded == ("x",)

@@ -19,6 +19,8 @@ import ml_collections
 from jax import export as jax_export
 from jax.sharding import Mesh
 
+from qcs_jax.data import device_augment
+from qcs_jax.data.transforms import Augment
 from qcs_jax.models import NUM_BRANCHES, build_model
 from qcs_jax.training import optim
 from qcs_jax.training.state import create_state
@@ -40,17 +42,28 @@ def abstract_state(model: Any, tx: Any, num_branches: int, img_size: int, mesh: 
 def export_train_step(cfg: ml_collections.ConfigDict, platforms: Sequence[str], mesh: Mesh,
                       batch_size: int | None = None) -> jax_export.Exported:
   """jax.export of cfg's train step for `platforms`, global batch `batch_size` (default
-  cfg.data.batch_size rounded up to a multiple of the mesh's devices)."""
+  cfg.data.batch_size rounded up to a multiple of the mesh's devices).
+
+  data.augment_on='device': the step that takes the cache's uint8 images (at the
+  recipe's resize size) with each row's epoch and position, and augments inside.
+  """
   model = build_model(cfg.model)
   tx = optim.make_optimizer(cfg.optim, 100)
   nb, s = NUM_BRANCHES[cfg.model.name], int(cfg.model.img_size)
   ndev = mesh.devices.size
   b = batch_size or -(-int(cfg.data.batch_size) // ndev) * ndev
   state = abstract_state(model, tx, nb, s, mesh)
-  images = jax.ShapeDtypeStruct((b, nb, s, s, 3), jnp.float32)
   labels = jax.ShapeDtypeStruct((b, nb), jnp.int32)
-  step = make_train_step(model, tx, mesh)
-  return jax_export.export(step, platforms=tuple(platforms))(state, images, labels)
+  if cfg.data.get("augment_on", "host") == "device":
+    augment = Augment.from_cfg(cfg.data.augment)
+    h, w = device_augment.source_hw(augment, s)
+    step = make_train_step(model, tx, mesh, augment=augment, img_size=s)
+    row = jax.ShapeDtypeStruct((b,), jnp.int32)
+    args = (state, jax.ShapeDtypeStruct((b, nb, h, w, 3), jnp.uint8), labels, row, row)
+  else:
+    step = make_train_step(model, tx, mesh)
+    args = (state, jax.ShapeDtypeStruct((b, nb, s, s, 3), jnp.float32), labels)
+  return jax_export.export(step, platforms=tuple(platforms))(*args)
 
 
 def export_eval_step(cfg: ml_collections.ConfigDict, platforms: Sequence[str], mesh: Mesh,
@@ -63,9 +76,10 @@ def export_eval_step(cfg: ml_collections.ConfigDict, platforms: Sequence[str], m
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   ndev = mesh.devices.size
   b = batch_size or -(-int(cfg.data.eval_batch_size) // ndev) * ndev
-  images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
-  return jax_export.export(make_eval_step(model, mesh), platforms=tuple(platforms))(
-      variables, images)
+  uint8 = cfg.data.get("augment_on", "host") == "device"
+  images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8 if uint8 else jnp.float32)
+  return jax_export.export(make_eval_step(model, mesh, uint8=uint8),
+                           platforms=tuple(platforms))(variables, images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +93,7 @@ class ProgramSummary:
   arguments: int
   donated: int               # arguments aliased to an output (jit's donate_argnums)
   data_sharded: tuple[str, ...]   # names of the arguments split along the `data` axis
+  uint8_inputs: tuple[str, ...]   # names of the uint8 arguments (images from the cache)
   custom_calls: tuple[str, ...]   # distinct custom_call targets
 
   def as_dict(self) -> dict[str, Any]:
@@ -115,5 +130,7 @@ def summarize(exported: jax_export.Exported) -> ProgramSummary:
       arguments=len(args),
       donated=sum("tf.aliasing_output" in attrs for attrs, _ in args),
       data_sharded=sharded,
+      uint8_inputs=tuple(name for attrs, name in args if attrs.startswith("tensor<")
+                         and re.match(r'tensor<[^>]*xui8>', attrs)),
       custom_calls=tuple(sorted(set(re.findall(r'custom_call @([\w.$-]+)', text)) |
                                 set(re.findall(r'call_target_name = "([^"]+)"', text)))))

@@ -7,7 +7,7 @@ same parameters on any device count (tests/test_train.py checks 8 vs 1).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +15,28 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qcs_jax.data import device_augment
 from qcs_jax.training import losses
 from qcs_jax.training.state import TrainState
 
+# Separates the augmentation's random stream from dropout's (both come from state.rng).
+AUGMENT_STREAM = 0x41554720
 
-def make_train_step(model, tx, mesh: Mesh):
+
+def make_train_step(model, tx, mesh: Mesh, augment: Optional[Any] = None,
+                    img_size: Optional[int] = None):
   """jit(step)(state, images, labels) -> (state, metrics); state donated.
 
   With SAM, tx.update calls ``ascent_grad`` for the second pass; both passes run
   in train mode, so BatchNorm running statistics get both updates, the second
   starting from the first's result (docs/ARCHITECTURE.md section 7).
+
+  ``augment`` (a transforms.Augment; data.augment_on='device'): the step takes
+  jit(step)(state, images uint8 (B, nb, R, R, 3), labels, epoch (B,), position (B,))
+  and augments inside the program (qcs_jax.data.device_augment) from
+  fold_in(state.rng, AUGMENT_STREAM): each image is a pure function of (seed, epoch,
+  anchor position, branch), whatever the batch's sharding or process count. Both
+  SAM passes see the same augmented images, as with host augmentation.
   """
 
   def loss_fn(params, batch_stats, images, labels, rng):
@@ -60,16 +72,35 @@ def make_train_step(model, tx, mesh: Mesh):
 
   rep = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
-  return jax.jit(step, in_shardings=(rep, data, data), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  if augment is None:
+    return jax.jit(step, in_shardings=(rep, data, data), out_shardings=(rep, rep),
+                   donate_argnums=0)
+  size = int(img_size) if img_size is not None else None
+
+  def augmented_step(state: TrainState, images, labels, epoch, position):
+    key = jax.random.fold_in(state.rng, AUGMENT_STREAM)
+    x = device_augment.augment_batch(key, images, epoch, position, augment, size)
+    return step(state, x, labels)
+
+  return jax.jit(augmented_step, in_shardings=(rep, data, data, data, data),
+                 out_shardings=(rep, rep), donate_argnums=0)
 
 
-def make_eval_step(model, mesh: Mesh):
-  """jit(infer)(variables, images (B,H,W,3)) -> logits; the inference path only."""
+def make_eval_step(model, mesh: Mesh, uint8: bool = False):
+  """jit(infer)(variables, images (B,H,W,3)) -> logits; the inference path only.
+
+  ``uint8``: images arrive as the cache's uint8 crops and are normalised in the
+  program (data.augment_on='device').
+  """
   rep = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P("data"))
-  return jax.jit(lambda v, x: model.apply(v, x, method="infer"),
-                 in_shardings=(rep, data), out_shardings=data)
+
+  def infer(v, x):
+    if uint8:
+      x = device_augment.eval_preprocess(x)
+    return model.apply(v, x, method="infer")
+
+  return jax.jit(infer, in_shardings=(rep, data), out_shardings=data)
 
 
 def shard_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:

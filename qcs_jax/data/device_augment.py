@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,13 +35,15 @@ def source_hw(augment: transforms.Augment, img_size: int) -> tuple[int, int]:
   Raises ValueError (naming the field) for what the host Transform rejects and for
   keep_aspect=True: its images differ in shape, which one device array cannot hold.
   """
-  host = transforms.Transform(augment, img_size, train=True)   # the host's own checks
+  transforms.Transform(augment, img_size, train=True)   # the host's own checks
   if augment.keep_aspect:
     raise ValueError("augment.keep_aspect=True keeps each image's aspect ratio (varying "
                      "shapes); device augmentation needs one square resize: set "
                      "keep_aspect=False or data.augment_on='host'")
-  h, w = host._resize  # pylint: disable=protected-access
-  return int(h), int(w)
+  r = augment.resize
+  if r == 0 or r == (0, 0):
+    return int(img_size), int(img_size)
+  return (int(r[0]), int(r[1])) if isinstance(r, tuple) else (int(r), int(r))
 
 
 _PERMUTATIONS = np.array(list(itertools.permutations(range(4))), np.int32)   # (24, 4)

@@ -73,6 +73,20 @@ def test_colour_ops_equal_pil_exactly(hw):
       np.testing.assert_array_equal(np.asarray(got[name][i]), ref, err_msg=f"{name} {f}")
 
 
+def test_jitter_applies_each_of_the_24_orders_as_the_host():
+  img = _image(16, 20, 4)
+  factors = np.array([1.15, 0.85, 1.3, 0.07], np.float32)
+  orders = np.array(list(itertools.permutations(range(4))), np.int32)
+  aug = T.Augment(jitter=(0.2, 0.2, 0.4, 0.1))
+  got = jax.jit(jax.vmap(lambda o: da.jitter_uint8(jnp.asarray(img, jnp.int32), jnp.asarray(factors),
+                                                 o, aug)))(jnp.asarray(orders))
+  for o, g in zip(orders, np.asarray(got)):
+    ref = Image.fromarray(img)
+    for k in o:
+      ref = list(_HOST.values())[k](ref, float(factors[k]))
+    np.testing.assert_array_equal(g, np.asarray(ref), err_msg=str(o))
+
+
 def _colours(n: int, seed: int) -> np.ndarray:
   if os.environ.get("QCS_EXHAUSTIVE") == "1":
     c = np.arange(1 << 24, dtype=np.uint32)

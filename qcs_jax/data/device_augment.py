@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,13 +35,15 @@ def source_hw(augment: transforms.Augment, img_size: int) -> tuple[int, int]:
   Raises ValueError (naming the field) for what the host Transform rejects and for
   keep_aspect=True: its images differ in shape, which one device array cannot hold.
   """
-  host = transforms.Transform(augment, img_size, train=True)   # the host's own checks
+  transforms.Transform(augment, img_size, train=True)   # the host's own checks
   if augment.keep_aspect:
     raise ValueError("augment.keep_aspect=True keeps each image's aspect ratio (varying "
                      "shapes); device augmentation needs one square resize: set "
                      "keep_aspect=False or data.augment_on='host'")
-  h, w = host._resize  # pylint: disable=protected-access
-  return int(h), int(w)
+  r = augment.resize
+  if r == 0 or r == (0, 0):
+    return int(img_size), int(img_size)
+  return (int(r[0]), int(r[1])) if isinstance(r, tuple) else (int(r), int(r))
 
 
 _PERMUTATIONS = np.array(list(itertools.permutations(range(4))), np.int32)   # (24, 4)
@@ -130,30 +133,42 @@ def _draw_erase(bits: Array, a: transforms.Augment, s: int) -> Params:
               erase_log_ratios=log_ratios)
 
 
+def _blend_step(img: Array, op: Array, factors: Array, on: list[bool], when: Array) -> Array:
+  """Brightness (op 0), contrast (1) or saturation (2) where `when` and op is on, else img.
+
+  The three are one blend with different degenerate images (0, the grey mean,
+  the luma), so one blend serves whichever op this slot holds.
+  """
+  degenerate = jnp.zeros_like(img)
+  if on[1] or on[2]:
+    lum = ops.luma(img)
+    mean = (2 * jnp.sum(lum) + lum.size) // (2 * lum.size)   # as ops.adjust_contrast
+    degenerate = jnp.where(op == 1, mean, jnp.where(op == 2, lum[..., None], degenerate))
+  active = jnp.isin(op, jnp.array([i for i in range(3) if on[i]], jnp.int32))
+  return jnp.where(when & active, ops.blend(degenerate, img, factors[op]), img)
+
+
 def jitter_uint8(img: Array, factors: Array, order: Array,
                  augment: transforms.Augment) -> Array:
   """ColorJitter: the active ops of (brightness, contrast, saturation, hue) in `order`.
 
-  Brightness, contrast and saturation are one blend with different degenerate
-  images (0, the grey mean, the luma), so each of the 4 slots runs one blend and
-  (when hue is on) one hue shift and selects: a quarter of the ops of selecting
-  among all four, which keeps the compile short.
+  The hue shift (the costly op) runs once: the blends that `order` puts before
+  it, the hue shift, then the blends after it (each blend slot masked).
   """
   on = [bool(v) for v in augment.jitter]
-  for slot in range(4):
-    op = order[slot]
-    out = img
-    if any(on[:3]):
-      degenerate = jnp.zeros_like(img)
-      if on[1] or on[2]:
-        lum = ops.luma(img)
-        mean = (2 * jnp.sum(lum) + lum.size) // (2 * lum.size)   # as ops.adjust_contrast
-        degenerate = jnp.where(op == 1, mean, jnp.where(op == 2, lum[..., None], degenerate))
-      blended = ops.blend(degenerate, img, factors[op])
-      out = jnp.where(jnp.isin(op, jnp.array([i for i in range(3) if on[i]])), blended, out)
-    if on[3]:
-      out = jnp.where(op == 3, ops.adjust_hue(img, factors[3]), out)
-    img = out
+  if not any(on[:3]):
+    return ops.adjust_hue(img, factors[3]) if on[3] else img
+  if not on[3]:
+    for slot in range(4):
+      img = _blend_step(img, order[slot], factors, on, jnp.bool_(True))
+    return img
+  at = jnp.argmax(order == 3)                       # the hue's slot
+  blends = [order[j + (j >= at)] for j in range(3)]  # order with the hue slot skipped
+  for j in range(3):
+    img = _blend_step(img, blends[j], factors, on, j < at)
+  img = ops.adjust_hue(img, factors[3])
+  for j in range(3):
+    img = _blend_step(img, blends[j], factors, on, j >= at)
   return img
 
 

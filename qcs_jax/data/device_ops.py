@@ -9,11 +9,11 @@ PIL's own rounding (Pillow's C sources, libImaging):
   i.e. float32 then truncation, clipped to 0..255 when alpha > 1;
 - 'L' (Convert.c): ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16``;
 - Contrast: the degenerate grey is ``int(mean(L) + 0.5)``;
-- hue (Convert.c rgb2hsv/hsv2rgb): C float/double arithmetic that float32 alone
-  cannot replay; the parts of it that depend on at most two uint8 values are
-  tabulated here in numpy with the C types (float32 where C has float, float64
-  where C has double), and the one product with the third value is rounded
-  exactly by ``_round_mul`` (an error-free split of the float32 table entry);
+- hue (Convert.c rgb2hsv/hsv2rgb): C float/double arithmetic. The hue byte of
+  rgb2hsv is tabulated in numpy with the C types (float32 where C has float,
+  float64 where C has double); the saturation byte and hsv2rgb's p, q, t are
+  integer roundings of the exact rationals, which equal PIL's on all 2**24
+  inputs (checked against PIL, tests/test_device_augment.py);
 - rotate (Geometry.c affine_fixed): 16.16 fixed point, ``xin = xx >> 16``.
   The fixed-point matrix comes from float32 cos/sin here but from double in
   PIL, so a pixel whose source coordinate lies within ~1e-5 px of a pixel edge
@@ -37,11 +37,15 @@ Array = jax.Array
 
 
 @functools.lru_cache(maxsize=1)
-def _tables() -> dict[str, np.ndarray]:
-  """PIL's rgb2hsv / hsv2rgb arithmetic for every value it can take (numpy, C types)."""
+def _hue_table() -> np.ndarray:
+  """rgb2hsv's hue byte for every case, in numpy with the C types (float / double).
+
+  The hue depends on which channel is the max (r first, then g) and on the other
+  two channels' distances n1, n2 below it (cr = max(n1, n2)): index
+  (case * 256 + n1) * 256 + n2. The rational floor(255 h) differs from C's on
+  0.3% of colours, hence the table.
+  """
   f32, f64 = np.float32, np.float64
-  # rgb2hsv hue: depends on which channel is the max (r first, then g) and on the
-  # other two channels' distances n1, n2 below the max (cr = max(n1, n2)).
   n1, n2 = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
   cr = np.maximum(n1, n2)
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -55,55 +59,7 @@ def _tables() -> dict[str, np.ndarray]:
       h = np.fmod(h.astype(f64) / 6.0 + 1.0, 1.0).astype(f32)
       uh = np.clip(np.trunc(np.nan_to_num(h.astype(f64) * 255.0)), 0, 255)
       hue.append(np.where(cr == 0, 0, uh).astype(np.uint8))
-    # rgb2hsv saturation: (maxc, cr) -> (int)((float)cr / maxc * 255.0)
-    maxc, crs = n1, n2
-    s = f32(crs) / f32(maxc)
-    us = np.clip(np.trunc(np.nan_to_num(s.astype(f64) * 255.0)), 0, 255)
-    sat = np.where((maxc == 0) | (crs == 0) | (crs > maxc), 0, us).astype(np.uint8)
-  # hsv2rgb: i, f from h; fs from s (C: double expressions stored in float/int).
-  hv = np.arange(256, dtype=f64)
-  i = np.floor(hv * 6.0 / 255.0)
-  f = (hv * 6.0 / 255.0 - i).astype(f32)
-  fs = (np.arange(256, dtype=f64) / 255.0).astype(f32)
-  # f depends on h only through k = (6 h mod 255) / 3 (85 values).
-  k_of_h = (np.arange(256) * 6 % 255) // 3
-  frac = np.array([f[k_of_h == j][0] for j in range(85)], f32)
-  if not np.array_equal(frac[k_of_h], f):
-    raise AssertionError("hsv2rgb's f is not a function of 6 h mod 255")
-  d_p = 1.0 - fs.astype(f64)                                               # (s,)
-  d_q = 1.0 - (fs[None, :] * frac[:, None]).astype(f64)                    # (k, s): float product
-  d_t = 1.0 - fs[None, :].astype(f64) * (1.0 - frac[:, None].astype(f64))  # (k, s): double
-
-  def split(d: np.ndarray) -> np.ndarray:
-    hi = d.astype(f32)
-    return np.stack([hi, (d - hi.astype(f64)).astype(f32)], -1).reshape(-1, 2)
-
-  return dict(hue=np.stack(hue).reshape(-1), sat=sat.reshape(-1),
-              sector=(i.astype(np.int32) % 6), d_p=split(d_p), d_q=split(d_q), d_t=split(d_t))
-
-
-def _split12(x: Array) -> Array:
-  """x's top 12 significant bits (x - _split12(x) is exact and holds the rest)."""
-  return jax.lax.bitcast_convert_type(
-      jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-4096), jnp.float32)
-
-
-def _round_mul(v: Array, d: Array) -> Array:
-  """C's round((double)v * D) for integer v in 0..255 and D = d[..., 0] + d[..., 1].
-
-  v * hi is split into two exact float32 products (hi's top 12 significant bits
-  and the rest, each times an 8-bit v); only the small remainder is rounded.
-  """
-  hi, lo = d[..., 0], d[..., 1]
-  vf = v.astype(jnp.float32)
-  top = _split12(hi)
-  a = vf * top + 0.5                      # exact: <= 21 significant bits
-  base = jnp.floor(a)
-  frac = a - base                         # exact
-  rest = vf * (hi - top) + vf * lo        # < 0.07: only this sum is rounded
-  up = rest >= 1.0 - frac
-  down = (frac == 0) & (rest < 0)
-  return base.astype(jnp.int32) + up.astype(jnp.int32) - down.astype(jnp.int32)
+  return np.stack(hue).reshape(-1)
 
 
 def hue_shift_levels(factor: Array) -> Array:
@@ -120,27 +76,30 @@ def hue_shift_levels(factor: Array) -> Array:
 
 def rgb_to_hsv(img: Array) -> Array:
   """PIL's convert('HSV') of int32 (..., 3) RGB values."""
-  t = _tables()
   r, g, b = img[..., 0], img[..., 1], img[..., 2]
   maxc = jnp.maximum(r, jnp.maximum(g, b))
   minc = jnp.minimum(r, jnp.minimum(g, b))
   case = jnp.where(r == maxc, 0, jnp.where(g == maxc, 1, 2))
   n1 = maxc - jnp.where(case == 0, g, r)     # (r max: g, b), (g max: r, b), (b max: r, g)
   n2 = maxc - jnp.where(case == 2, g, b)
-  uh = jnp.asarray(t["hue"])[(case * 256 + n1) * 256 + n2].astype(jnp.int32)
-  us = jnp.asarray(t["sat"])[maxc * 256 + (maxc - minc)].astype(jnp.int32)
+  uh = jnp.asarray(_hue_table())[(case * 256 + n1) * 256 + n2].astype(jnp.int32)
+  # (int)((float)(cr / maxc) * 255.0) equals the rational floor for all 2**24 colours
+  us = (255 * (maxc - minc)) // jnp.maximum(maxc, 1)
   return jnp.stack([uh, us, maxc], -1)
 
 
 def hsv_to_rgb(hsv: Array) -> Array:
   """PIL's convert('RGB') of int32 (..., 3) HSV values."""
-  t = _tables()
   h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-  p = _round_mul(v, jnp.asarray(t["d_p"])[s])
-  k = (h * 6 % 255) // 3
-  q = _round_mul(v, jnp.asarray(t["d_q"])[k * 256 + s])
-  u = _round_mul(v, jnp.asarray(t["d_t"])[k * 256 + s])
-  sector = jnp.asarray(t["sector"])[h]
+  # C: p = round(v * (1.0 - fs)), q = round(v * (1.0 - fs * f)), t = round(v * (1.0 -
+  # fs * (1.0 - f))) with fs ~ s / 255, f ~ m / 255 in float. The exact rationals never
+  # tie (2 v (65025 - s m) is even, 65025 (2n + 1) odd) and the float errors never
+  # cross a rounding point: the integer roundings below equal PIL on all 2**24 inputs.
+  m = h * 6 % 255
+  p = (2 * v * (255 - s) + 255) // 510
+  q = (2 * v * (65025 - s * m) + 65025) // 130050
+  u = (2 * v * (65025 - s * (255 - m)) + 65025) // 130050
+  sector = (h * 6 // 255) % 6
   choices = [jnp.stack(c, -1) for c in ((v, u, p), (q, v, p), (p, v, u),
                                         (p, q, v), (u, p, v), (v, p, q))]
   out = choices[0]
@@ -162,6 +121,12 @@ def adjust_hue(img: Array, factor: Array) -> Array:
 def luma(img: Array) -> Array:
   """PIL's convert('L'): integer ITU-R 601-2 luma of int32 (..., 3) RGB."""
   return (img[..., 0] * 19595 + img[..., 1] * 38470 + img[..., 2] * 7471 + 0x8000) >> 16
+
+
+def _split12(x: Array) -> Array:
+  """x's top 12 significant bits (x - _split12(x) is exact and holds the rest)."""
+  return jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-4096), jnp.float32)
 
 
 def blend(degenerate: Array, img: Array, alpha: Array) -> Array:

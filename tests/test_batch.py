@@ -8,8 +8,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import Recognizer, checkpoint, predict
-from qcs_jax.apps import batch, media
+from qcs_jax import Recognizer
+from qcs_jax.apps import annotate, media, predict_files as batch, recognizer, user_images
+from qcs_jax.cli import predict
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.apps.throughput import random_variables
 from qcs_jax.data.video import VideoFrames
 from qcs_jax.data import synthetic
@@ -130,9 +132,9 @@ def test_cli_detector_choice_landmarks_and_no_cache(ckpt, tmp_path, capsys):
 def test_old_predict_helpers_still_work(ckpt):
   """Callers of the old predict module (demo, export, visualize) keep working."""
   loaded = checkpoint.load_model(ckpt)
-  assert predict.class_names_of(loaded) == list(synthetic.CLASS_NAMES)
+  assert recognizer.class_names_of(loaded) == list(synthetic.CLASS_NAMES)
   done = []
-  clf = predict.BatchedClassifier(loaded, 2, on_done=done.append)
+  clf = batch.BatchedClassifier(loaded, 2, on_done=done.append)
   faces_ = [synthetic.render_face(e, 40 + 8 * e, seed=e) for e in range(3)]
   rows = [{"i": i} for i in range(3)]
   for f, r in zip(faces_, rows):
@@ -142,4 +144,4 @@ def test_old_predict_helpers_still_work(ckpt):
   ref = Recognizer(loaded, detector="haar").predict_faces(faces_)
   for r, s in zip(rows, ref):
     assert r["label"] == s["label"] and r["score"] == pytest.approx(s["score"], abs=1e-5)
-  assert callable(predict.read_image) and callable(predict.draw_annotations)
+  assert callable(user_images.read_image) and callable(annotate.draw_annotations)

@@ -1,4 +1,4 @@
-"""Command line: python -m qcs_jax.train --config configs/rafdb.py [--workdir runs/rafdb].
+"""qcs-train --config configs/rafdb.py [--workdir runs/rafdb]  (or python -m qcs_jax.train ...)
 
 Rerunning the same command on an existing workdir resumes it exactly. Without
 --workdir the run goes to runs/<config file name> (runs/synthetic_dcs for
@@ -11,10 +11,13 @@ import os
 import shutil
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qcs_jax import runtime
+from qcs_jax.cli.flags import absl_parser
+from qcs_jax.recipes import checks
 from qcs_jax.training import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
@@ -65,7 +68,6 @@ def main(argv):
 
 def _checked_main(argv):
   """Config mistakes -> one `error:` line naming the key, before the workdir is touched."""
-  from qcs_jax import config  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
@@ -81,23 +83,21 @@ def _checked_main(argv):
     sys.exit(2)
   try:
     if _WORKDIR.value and os.path.isfile(_WORKDIR.value):
-      raise config.ConfigError(f"--workdir={_WORKDIR.value} is a file, not a directory")
-    import jax  # pylint: disable=import-outside-toplevel
-    config.check_config(cfg, None if multi_host else jax.device_count())
-  except config.ConfigError as e:
+      raise checks.ConfigError(f"--workdir={_WORKDIR.value} is a file, not a directory")
+    checks.check_config(cfg, None if multi_host else jax.device_count())
+  except checks.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   # A resumed (e.g. preempted) run loads its compiled train step instead of
-  # compiling it again (~1 min for the demo on 2 CPU cores). QCS_JAX_CACHE_DIR=0: off.
+  # compiling it again. QCS_JAX_CACHE_DIR=0: off.
   runtime.enable_compilation_cache()
   main(argv)
 
 
 def run() -> None:
   """Console script `qcs-train`."""
-  from qcs_jax import config  # pylint: disable=import-outside-toplevel
   runtime.set_cpu_xla_defaults()
-  app.run(_checked_main, flags_parser=config.parse_flags_or_exit)
+  app.run(_checked_main, flags_parser=absl_parser("qcs-train", __doc__, __name__))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """QCS on AffectNet-7: main_QCS_affectnet-7.py with models/QCS_7cls_affectnet.py."""
-from qcs_jax import config as base
+from qcs_jax.recipes import base
 from qcs_jax.data.transforms import recipe_augment
 
 

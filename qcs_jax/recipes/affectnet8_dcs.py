@@ -1,5 +1,5 @@
 """DCS on AffectNet-8: main_DCS_affectnet-8.py with models/DCS_8cls_affectnet.py."""
-from qcs_jax import config as base
+from qcs_jax.recipes import base
 from qcs_jax.data.transforms import recipe_augment
 
 

@@ -1,5 +1,5 @@
 """QCS on FERPlus: main_QCS_ferplus.py with models/QCS_8cls_ferplus.py."""
-from qcs_jax import config as base
+from qcs_jax.recipes import base
 from qcs_jax.data.transforms import recipe_augment
 
 

@@ -1,5 +1,5 @@
 """QCS on RAF-DB: main_QCS_raf_db.py with models/QCS_7cls_raf_db.py."""
-from qcs_jax import config as base
+from qcs_jax.recipes import base
 from qcs_jax.data.transforms import recipe_augment
 
 

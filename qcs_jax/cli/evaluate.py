@@ -1,4 +1,4 @@
-"""qcs-evaluate: a checkpoint on a data split: accuracy, per-class metrics, confusion matrix.
+r"""qcs-evaluate: a checkpoint on a data split: accuracy, per-class metrics, confusion matrix.
 
   qcs-evaluate --config configs/rafdb.py --checkpoint runs/rafdb_qcs \
       [--split test] [--tta_flip] [--predictions_csv preds.csv] [--output eval/]

@@ -18,7 +18,7 @@ HELP_ARGS = ("-h", "--help", "-help", "--helpshort")
 
 def help_text(prog: str, doc: str, module: str) -> str:
   """`prog`'s usage: its docstring, then the flags its module defines."""
-  lines = flags.FLAGS.module_help(module).splitlines()
+  lines = flags.FLAGS.module_help(module).strip().splitlines()
   body = "\n".join(lines[1:] if lines and lines[0].rstrip().endswith(":") else lines)
   return f"usage: {prog} [flags]\n\n{doc.strip()}\n\nflags:\n{body}\n"
 

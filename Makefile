@@ -10,14 +10,17 @@ $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.runtime: requirements.txt requirements-detect.txt pyproject.toml $(BIN)/activate
-	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps -r requirements-detect.txt
+# constraints.txt: the versions the suite passed with (a fresh clone installs those).
+PIP_C := $(BIN)/pip install -q -c constraints.txt
+
+$(VENV)/.runtime: requirements.txt requirements-detect.txt constraints.txt pyproject.toml $(BIN)/activate
+	$(PIP_C) -r requirements.txt
+	$(PIP_C) --no-deps -r requirements-detect.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
-	$(BIN)/pip install -q -r requirements-test.txt
+$(VENV)/.test: requirements-test.txt constraints.txt $(VENV)/.runtime
+	$(PIP_C) -r requirements-test.txt
 	touch $@
 
 venv: $(VENV)/.runtime

@@ -1,6 +1,2 @@
-"""IR50+ViT baseline on affectnet7 (paper Table 1): no released script; the DCS recipe."""
-from qcs_jax import config as base
-
-
-def get_config():
-  return base.baseline_of(__file__, "affectnet7_dcs.py")
+"""--config=configs/affectnet7_baseline.py: the recipe qcs_jax/recipes/affectnet7_baseline.py."""
+from qcs_jax.recipes.affectnet7_baseline import get_config  # noqa: F401

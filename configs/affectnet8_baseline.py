@@ -1,6 +1,2 @@
-"""IR50+ViT baseline on affectnet8 (paper Table 1): no released script; the DCS recipe."""
-from qcs_jax import config as base
-
-
-def get_config():
-  return base.baseline_of(__file__, "affectnet8_dcs.py")
+"""--config=configs/affectnet8_baseline.py: the recipe qcs_jax/recipes/affectnet8_baseline.py."""
+from qcs_jax.recipes.affectnet8_baseline import get_config  # noqa: F401

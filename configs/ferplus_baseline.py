@@ -1,6 +1,2 @@
-"""IR50+ViT baseline on ferplus (paper Table 1): no released script; the DCS recipe."""
-from qcs_jax import config as base
-
-
-def get_config():
-  return base.baseline_of(__file__, "ferplus_dcs.py")
+"""--config=configs/ferplus_baseline.py: the recipe qcs_jax/recipes/ferplus_baseline.py."""
+from qcs_jax.recipes.ferplus_baseline import get_config  # noqa: F401

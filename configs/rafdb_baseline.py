@@ -1,6 +1,2 @@
-"""IR50+ViT baseline on rafdb (paper Table 1): no released script; the DCS recipe."""
-from qcs_jax import config as base
-
-
-def get_config():
-  return base.baseline_of(__file__, "rafdb_dcs.py")
+"""--config=configs/rafdb_baseline.py: the recipe qcs_jax/recipes/rafdb_baseline.py."""
+from qcs_jax.recipes.rafdb_baseline import get_config  # noqa: F401

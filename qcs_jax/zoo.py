@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from qcs_jax import recipes
+from qcs_jax.data import synthetic
 from qcs_jax.data.readers.affectnet import AFFECTNET_CLASSES
 from qcs_jax.data.readers.ferplus import FERPLUS_CLASS_NAMES
 from qcs_jax.data.readers.rafdb import RAFDB_CLASSES
@@ -47,7 +49,8 @@ class Release:
 
   @property
   def config_file(self) -> str:
-    """The recipe under configs/ that trains this model (configs/<dataset>[_dcs].py)."""
+    """The recipe that trains this model: configs/<dataset>[_dcs].py in a checkout
+    (qcs_jax/recipes/<dataset>[_dcs].py in the package)."""
     if self.model == "ir50":
       return ""
     return f"configs/{self.dataset}{'_dcs' if self.model == 'dcs' else ''}.py"
@@ -87,7 +90,6 @@ def data_class_names(data_cfg) -> tuple[str, ...]:
   if name in DATASET_CLASSES:
     return DATASET_CLASSES[name]
   if name == "synthetic":
-    from qcs_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     return tuple(synthetic.CLASS_NAMES)
   names = data_cfg.get("class_names", ()) or ()
   if isinstance(names, str):
@@ -97,10 +99,9 @@ def data_class_names(data_cfg) -> tuple[str, ...]:
 
 def model_config(release: Release):
   """config.model of the recipe that trained `release` (the released model file's)."""
-  from qcs_jax import config  # pylint: disable=import-outside-toplevel
   if release.model == "ir50":
     raise ValueError("ir50 is a backbone: convert it without --full")
-  return config.recipe(release.model, release.dataset).model
+  return recipes.recipe(release.model, release.dataset).model
 
 
 def table() -> str:

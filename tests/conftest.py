@@ -45,7 +45,7 @@ TINY_MODEL: dict[str, Any] = dict(
 
 def tiny_model_cfg(name: str = "qcs", **overrides) -> dict[str, Any]:
   """A complete config.model dict: the defaults, TINY_MODEL, the model's own csa."""
-  from qcs_jax.config import CSA  # pylint: disable=import-outside-toplevel
+  from qcs_jax.recipes.base import CSA  # pylint: disable=import-outside-toplevel
   from qcs_jax.models.shapes import DEFAULT_MODEL_CFG  # pylint: disable=import-outside-toplevel
   cfg = dict(DEFAULT_MODEL_CFG, **TINY_MODEL)
   cfg.update(name=name, csa=CSA.get(name, DEFAULT_MODEL_CFG["csa"]))

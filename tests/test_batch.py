@@ -9,8 +9,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import Recognizer, checkpoint, predict
-from qcs_jax.apps import batch, media
+from qcs_jax import Recognizer
+from qcs_jax.apps import annotate, media, predict_files as batch, recognizer, user_images
+from qcs_jax.cli import predict
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.apps.throughput import random_variables
 from qcs_jax.data.video import VideoFrames
 from qcs_jax.data import synthetic
@@ -131,9 +133,9 @@ def test_cli_detector_choice_landmarks_and_no_cache(ckpt, tmp_path, capsys):
 def test_old_predict_helpers_still_work(ckpt, tmp_path):
   """Callers of the old predict module (demo, export, visualize) keep working."""
   loaded = checkpoint.load_model(ckpt)
-  assert predict.class_names_of(loaded) == list(synthetic.CLASS_NAMES)
+  assert recognizer.class_names_of(loaded) == list(synthetic.CLASS_NAMES)
   done = []
-  clf = predict.BatchedClassifier(loaded, 2, on_done=done.append)
+  clf = batch.BatchedClassifier(loaded, 2, on_done=done.append)
   faces_ = [synthetic.render_face(e, 40 + 8 * e, seed=e) for e in range(3)]
   rows = [{"i": i} for i in range(3)]
   for f, r in zip(faces_, rows):
@@ -143,14 +145,14 @@ def test_old_predict_helpers_still_work(ckpt, tmp_path):
   ref = Recognizer(loaded, detector="haar").predict_faces(faces_)
   for r, s in zip(rows, ref):
     assert r["label"] == s["label"] and r["score"] == pytest.approx(s["score"], abs=1e-5)
-  # read_image and draw_annotations still do their jobs through predict's names.
+  # read_image and draw_annotations still do their jobs through their modules.
   photo = faces_[2]
   Image.fromarray(photo).save(tmp_path / "f.png")
-  np.testing.assert_array_equal(predict.read_image(str(tmp_path / "f.png")), photo)
+  np.testing.assert_array_equal(user_images.read_image(str(tmp_path / "f.png")), photo)
   canvas = np.zeros((60, 80, 3), np.uint8)
-  out = predict.draw_annotations(canvas, [{"box": [10, 20, 30, 25], "label": "Fear",
+  out = annotate.draw_annotations(canvas, [{"box": [10, 20, 30, 25], "label": "Fear",
                                            "score": 0.5}], str(tmp_path / "a.png"))
-  drawn = predict.read_image(out)
+  drawn = user_images.read_image(out)
   assert (drawn[20:45, 10] == [0, 255, 0]).all()        # the box's left edge, in green
   assert (drawn[20:45, 39] == [0, 255, 0]).all()        # and its right edge
   assert (drawn[22:43, 12:37] == 0).all() and (drawn[46:] == 0).all()  # not inside, not below

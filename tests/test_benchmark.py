@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qcs_jax.bench import cli, common, report, runner
+from qcs_jax.bench import cli, report, runner, workload as common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

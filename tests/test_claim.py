@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qcs_jax.config import NUM_BRANCHES
+from qcs_jax.models.qcs import NUM_BRANCHES
 from qcs_jax.data import pipeline
 from qcs_jax.experiments import claim, claim_report
 from qcs_jax.training import optim

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from qcs_jax import checkpoint, config
+from qcs_jax import recipes
+from qcs_jax.model_files import model_dir as checkpoint
+from qcs_jax.recipes import checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,13 +24,13 @@ def _fake_checkpoint(d) -> str:
 
 
 def test_valid_configs_pass(tmp_path):
-  cfg = config.synthetic()
-  config.check_config(cfg, device_count=8)  # batch 32 on 8 devices
-  config.check_config(config.recipe("qcs", "rafdb"), device_count=1)
+  cfg = recipes.synthetic()
+  checks.check_config(cfg, device_count=8)  # batch 32 on 8 devices
+  checks.check_config(recipes.recipe("qcs", "rafdb"), device_count=1)
   cfg.init.backbone = _fake_checkpoint(tmp_path / "ir50")
-  config.check_config(cfg, device_count=1)
+  checks.check_config(cfg, device_count=1)
   cfg.init.backbone = "scratch"  # a random IR50 on purpose
-  config.check_config(cfg, device_count=1)
+  checks.check_config(cfg, device_count=1)
 
 
 @pytest.mark.parametrize("key,value,said", [
@@ -46,21 +48,21 @@ def test_valid_configs_pass(tmp_path):
     ("init.checkpoint", REPO, r"init.checkpoint=.*not a qcs_jax checkpoint \(no model.json\)"),
 ])
 def test_each_mistake_names_its_key(key, value, said):
-  cfg = config.synthetic()
+  cfg = recipes.synthetic()
   section, field = key.split(".")
   cfg[section][field] = value
-  with pytest.raises(config.ConfigError, match=said) as e:
-    config.check_config(cfg, device_count=8)
+  with pytest.raises(checks.ConfigError, match=said) as e:
+    checks.check_config(cfg, device_count=8)
   assert "\n" not in str(e.value)
 
 
 def test_all_problems_are_reported_together():
-  cfg = config.synthetic()
+  cfg = recipes.synthetic()
   cfg.data.batch_size = 3
   cfg.init.backbone = "/nope"
-  with pytest.raises(config.ConfigError, match=r"config.init.backbone=/nope.*; data.batch_size=3"):
-    config.check_config(cfg, device_count=2)
-  config.check_config(config.synthetic(), device_count=None)  # multi-host: checked later
+  with pytest.raises(checks.ConfigError, match=r"config.init.backbone=/nope.*; data.batch_size=3"):
+    checks.check_config(cfg, device_count=2)
+  checks.check_config(recipes.synthetic(), device_count=None)  # multi-host: checked later
 
 
 def _run(module: str, *args: str, devices: int = 1) -> subprocess.CompletedProcess:
@@ -101,7 +103,7 @@ def test_train_cli_missing_config_file(tmp_path):
 
 
 def test_evaluate_cli_names_unknown_override(tmp_path):
-  p = _run("qcs_jax.evaluate", "--config", "configs/synthetic.py", "--checkpoint",
+  p = _run("qcs_jax.cli.evaluate", "--config", "configs/synthetic.py", "--checkpoint",
            str(tmp_path), "--config.data.on_bad_imag=skip")
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert p.stderr.strip().splitlines()[-1] == (

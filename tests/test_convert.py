@@ -18,7 +18,8 @@ import torch
 
 from qcs_jax.interop import reference as R
 from qcs_jax.interop import reference_files as RF
-from qcs_jax import checkpoint, models
+from qcs_jax import models
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.interop import converter as convert
 
 TOL32 = 1e-5
@@ -26,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_cli():
-  from qcs_jax import convert as cli  # pylint: disable=import-outside-toplevel
+  from qcs_jax.cli import convert as cli  # pylint: disable=import-outside-toplevel
   return cli
 
 

@@ -1,6 +1,6 @@
 """The web demo in a real browser: headless Chromium (Debian's) driven by Selenium.
 
-Starts `python -m qcs_jax.demo --port 0` (the embedded demo model) on 127.0.0.1,
+Starts `python -m qcs_jax.cli.demo --port 0` (the embedded demo model) on 127.0.0.1,
 loads the page, uploads photos, waits for the answer and checks what a person
 would see. Screenshots go to $QCS_TEST_ARTIFACTS (default: pytest's tmp dir).
 Skipped only where chromium or chromedriver is not installed (.ci/run installs both).
@@ -46,7 +46,7 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_url():
-  proc = subprocess.Popen([sys.executable, "-m", "qcs_jax.demo", "--port", "0"],
+  proc = subprocess.Popen([sys.executable, "-m", "qcs_jax.cli.demo", "--port", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           cwd=pathlib.Path(__file__).parent.parent)
   lines: queue.Queue = queue.Queue()

@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_model_cfg
-from qcs_jax import checkpoint, config, evaluate
+from qcs_jax import recipes as config
+from qcs_jax.apps import evaluation as evaluate
+from qcs_jax.model_files import locate, model_dir as checkpoint
 from qcs_jax.data import synthetic, transforms
 from qcs_jax.data.sources import InMemorySource
 from qcs_jax.models import build_model
-from qcs_jax.predict import random_variables
+from qcs_jax.apps.throughput import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = tiny_model_cfg("qcs", img_size=32, stage_channels=(8, 8, 16), embed_dim=16)
@@ -138,13 +140,13 @@ def test_class_count_mismatch_is_a_clear_error(setup):
 
 
 def test_resolve_checkpoint(setup, tmp_path):
-  assert evaluate.resolve_checkpoint(setup["workdir"]) == os.path.join(setup["workdir"], "best")
-  assert evaluate.resolve_checkpoint(setup["ckpt"]) == setup["ckpt"]
+  assert locate.resolve_checkpoint(setup["workdir"]) == os.path.join(setup["workdir"], "best")
+  assert locate.resolve_checkpoint(setup["ckpt"]) == setup["ckpt"]
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
   with pytest.raises(checkpoint.CheckpointError, match="without a best/"):
-    evaluate.resolve_checkpoint(str(tmp_path / "run"))
+    locate.resolve_checkpoint(str(tmp_path / "run"))
   with pytest.raises(checkpoint.CheckpointError, match="model.json"):
-    evaluate.resolve_checkpoint(str(tmp_path))
+    locate.resolve_checkpoint(str(tmp_path))
   lone = shutil.copytree(setup["ckpt"], tmp_path / "lone")  # no config.json near it
   with pytest.raises(ValueError, match="no --config given and no config.json"):
     evaluate.evaluate_checkpoint(None, str(lone), progress=False)
@@ -157,7 +159,7 @@ def test_config_differences_names_the_fields():
 
 def test_cli_on_synthetic_split(setup, tmp_path):
   out, preds = tmp_path / "out", tmp_path / "p.csv"
-  cmd = [sys.executable, "-m", "qcs_jax.evaluate", "--config", "configs/synthetic.py",
+  cmd = [sys.executable, "-m", "qcs_jax.cli.evaluate", "--config", "configs/synthetic.py",
          "--config.data.synthetic.num_test=10", "--config.data.synthetic.image_size=32",
          "--config.data.augment.resize=0", "--config.data.eval_batch_size=8",
          f"--checkpoint={setup['workdir']}", f"--output={out}", f"--predictions_csv={preds}",

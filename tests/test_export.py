@@ -11,10 +11,12 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from qcs_jax import checkpoint, export, predict
-from qcs_jax.apps import export_lib
+from qcs_jax.apps import throughput
+from qcs_jax.cli import export
+from qcs_jax.export import artefacts as export_lib
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.data import synthetic, transforms
-from qcs_jax.interop import onnx_graph
+from qcs_jax.export import onnx_graph
 from qcs_jax.models import build_model
 from qcs_jax.models.shapes import model_cfg_dict
 
@@ -26,7 +28,7 @@ NAMES = list(synthetic.CLASS_NAMES)
 def _random(cfg, seed):
   """Inference variables with every leaf random (BN statistics, PReLU slopes included)."""
   model = build_model(cfg)
-  v = predict.random_variables(model, cfg["img_size"], seed=seed, inference_only=False)
+  v = throughput.random_variables(model, cfg["img_size"], seed=seed, inference_only=False)
   rng = np.random.default_rng(seed)
   shake = lambda a: (a * rng.uniform(0.5, 1.5, a.shape)  # noqa: E731
                      + rng.normal(0, 0.1, a.shape)).astype(np.float32)
@@ -125,7 +127,7 @@ def test_parity_failure_removes_the_file(ckpt, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "qcs_jax.export", "--checkpoint",
+  res = subprocess.run([sys.executable, "-m", "qcs_jax.cli.export", "--checkpoint",
                         str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=os.getcwd())
   assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qcs_jax import checkpoint, config, evaluate
+from qcs_jax import recipes as config
+from qcs_jax.apps import evaluation as evaluate
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.data import images, synthetic
 from qcs_jax.data.base import DataError, FileSource
 from qcs_jax.models import build_model
-from qcs_jax.predict import random_variables
+from qcs_jax.apps.throughput import random_variables
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

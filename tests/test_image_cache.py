@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from qcs_jax import config as config_lib
+from qcs_jax import recipes as config_lib
+from qcs_jax.recipes import checks
 from qcs_jax.data import image_cache as C
 from qcs_jax.data import pipeline as P
 from qcs_jax.data import transforms as T
@@ -340,8 +341,8 @@ def test_options_are_checked(tmp_path, monkeypatch):
   cfg = config_lib.base_config()
   assert cfg.data.augment_on == "host"
   cfg.data.augment_on = "tpu"
-  with pytest.raises(config_lib.ConfigError, match="data.augment_on='tpu'"):
-    config_lib.check_config(cfg)
+  with pytest.raises(checks.ConfigError, match="data.augment_on='tpu'"):
+    checks.check_config(cfg)
 
   class NoPrint(InMemorySource):
     fingerprint = None

@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from conftest import tiny_model_cfg
-from qcs_jax import config as config_lib
+from qcs_jax import recipes as config_lib
 from qcs_jax.data import transforms
 from qcs_jax.training import lowering, state as train_state
 

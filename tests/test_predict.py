@@ -8,7 +8,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import checkpoint, predict
+from qcs_jax.apps import predict_files, throughput
+from qcs_jax.cli import predict
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.apps import faces
 from qcs_jax.data import synthetic, transforms
 from qcs_jax.models import build_model
@@ -22,7 +24,7 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
   model = build_model(TINY)
-  variables = predict.random_variables(model, 32, seed=2, inference_only=False)
+  variables = throughput.random_variables(model, 32, seed=2, inference_only=False)
   path = checkpoint.save_variables(tmp_path_factory.mktemp("ckpt") / "model", variables, TINY,
                                    extra={"class_names": NAMES})
   return checkpoint.load_model(path)
@@ -53,7 +55,7 @@ def test_no_detect_folder_of_synthetic_faces(loaded, tmp_path):
     Image.fromarray(im).save(f)
   (tmp_path / "notes.txt").write_text("not a picture")  # ignored inside folders
   msgs, report = _collect()
-  rows = predict.predict_paths([str(tmp_path)], loaded, detect=False, batch_size=BATCH,
+  rows = predict_files.predict_paths([str(tmp_path)], loaded, detect=False, batch_size=BATCH,
                                on_problem=report)
   assert msgs == []
   order = [0, 2, 4, 1, 3, 5]  # files of the folder first, then sub/
@@ -72,8 +74,8 @@ def test_detects_the_astronaut_face_and_annotates(loaded, tmp_path):
   path = tmp_path / "astronaut.png"
   image = skimage.data.astronaut()
   Image.fromarray(image).save(path)
-  rows = predict.predict_paths([str(path)], loaded, batch_size=BATCH, detector="haar",
-                               annotate=str(tmp_path / "ann"))
+  rows = predict_files.predict_paths([str(path)], loaded, batch_size=BATCH, detector="haar",
+                               annotate_dir=str(tmp_path / "ann"))
   assert len(rows) == 1
   x, y, w, h = rows[0]["box"]
   # Her face spans about x 175..270, y 65..160 of the 512x512 picture.
@@ -106,7 +108,7 @@ def test_problems_are_reported_and_skipped(loaded, tmp_path):
   Image.fromarray(synthetic.render_face(3, 48)).save(tmp_path / "ok.png")
   paths = [str(tmp_path / n) for n in ("cat.jpg", "broken.jpg", "tiny.png", "ok.png")]
   msgs, report = _collect()
-  rows = predict.predict_paths(paths[:3] + [str(tmp_path / "missing.png")], loaded,
+  rows = predict_files.predict_paths(paths[:3] + [str(tmp_path / "missing.png")], loaded,
                                detect=True, batch_size=BATCH, on_problem=report)
   assert rows == [] and len(msgs) == 4
   text = "\n".join(msgs)
@@ -115,7 +117,7 @@ def test_problems_are_reported_and_skipped(loaded, tmp_path):
   assert f"{paths[2]}: image is 24x24 pixels, smaller than --min_face 40" in text
   assert f"{tmp_path / 'missing.png'}: no such file or folder" in text
   msgs, report = _collect()
-  rows = predict.predict_paths(paths, loaded, detect=False, batch_size=BATCH,
+  rows = predict_files.predict_paths(paths, loaded, detect=False, batch_size=BATCH,
                                on_problem=report)
   assert [r["file"] for r in rows] == [paths[0], paths[3]]  # no detection: the cat is a "face"
   assert len(msgs) == 2 and "not an image" in msgs[0] and "24x24" in msgs[1]
@@ -126,7 +128,7 @@ def test_synthetic_face_is_detected(loaded, tmp_path):
   canvas = np.full((200, 260, 3), 90, np.uint8)
   canvas[40:152, 100:212] = face
   Image.fromarray(canvas).save(tmp_path / "scene.png")
-  rows = predict.predict_paths([str(tmp_path / "scene.png")], loaded, batch_size=BATCH,
+  rows = predict_files.predict_paths([str(tmp_path / "scene.png")], loaded, batch_size=BATCH,
                                detector="haar")
   assert len(rows) == 1
   x, y, w, h = rows[0]["box"]
@@ -148,9 +150,9 @@ def test_video_rows_per_sampled_frame_with_timestamps(loaded, tmp_path):
   frames = [face, face, face, face, blank, blank, face]  # frames 4, 5 hold no face
   _write_video(tmp_path / "clip.avi", frames, 10.0, "MJPG")
   msgs, report = _collect()
-  rows = predict.predict_paths([str(tmp_path / "clip.avi")], loaded, every=2, detector="haar",
+  rows = predict_files.predict_paths([str(tmp_path / "clip.avi")], loaded, every=2, detector="haar",
                                batch_size=BATCH, on_problem=report,
-                               annotate=str(tmp_path / "ann"))
+                               annotate_dir=str(tmp_path / "ann"))
   assert [(r["frame"], r["time"]) for r in rows] == [(0, 0.0), (2, 0.2), (6, 0.6)]
   for r in rows:
     x, y, w, h = r["box"]
@@ -161,12 +163,12 @@ def test_video_rows_per_sampled_frame_with_timestamps(loaded, tmp_path):
   assert sorted(p.name for p in (tmp_path / "ann").iterdir()) == [
       "clip_frame000000.jpg", "clip_frame000002.jpg", "clip_frame000006.jpg"]
   _write_video(tmp_path / "clip.mp4", frames[:3], 25.0, "mp4v")
-  rows = predict.predict_paths([str(tmp_path / "clip.mp4")], loaded, detect=False,
+  rows = predict_files.predict_paths([str(tmp_path / "clip.mp4")], loaded, detect=False,
                                batch_size=BATCH)
   assert [(r["frame"], r["time"]) for r in rows] == [(0, 0.0), (1, 0.04), (2, 0.08)]
   msgs, report = _collect()
   (tmp_path / "fake.mp4").write_bytes(b"\x00" * 100)
-  assert predict.predict_paths([str(tmp_path / "fake.mp4")], loaded, on_problem=report) == []
+  assert predict_files.predict_paths([str(tmp_path / "fake.mp4")], loaded, on_problem=report) == []
   assert len(msgs) == 1 and str(tmp_path / "fake.mp4") in msgs[0]
 
 
@@ -201,6 +203,6 @@ def test_format_rows_rejects_unknown_format():
 
 
 def test_benchmark_reports_positive_rates():
-  res = predict.benchmark(dict(TINY), batch_sizes=(2,), min_seconds=0.0, min_iters=2)
+  res = throughput.benchmark(dict(TINY), batch_sizes=(2,), min_seconds=0.0, min_iters=2)
   assert [r["batch_size"] for r in res] == [2] and res[0]["iterations"] >= 2
   assert res[0]["images_per_sec"] == pytest.approx(2000 / res[0]["ms_per_batch"])

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from qcs_jax import config as config_lib
+from qcs_jax import recipes as config_lib
 from qcs_jax.data import transforms as T
 from qcs_jax.models.shapes import DEFAULT_MODEL_CFG
 from qcs_jax.training import optim
@@ -188,8 +188,8 @@ def test_every_recipe_file_is_checked():
 
 
 def test_deliberate_differences_are_documented():
-  with open(os.path.join(ROOT, "README.md")) as f:
-    readme = " ".join(f.read().split())
+  docs = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "docs", "DATA_AND_TRAINING.md")]
+  readme = " ".join(" ".join(open(p).read().split()) for p in docs)
   for (name, dotted), (value, _) in DELIBERATE.items():
     assert f"`configs/{name}` sets `{dotted}` {value}" in readme, (name, dotted)
 

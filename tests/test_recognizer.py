@@ -9,8 +9,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import Recognizer, checkpoint, fast_read, runtime
-from qcs_jax.apps import detectors, faces, images
+from qcs_jax import Recognizer, runtime
+from qcs_jax.apps import detectors, faces, user_images as images
+from qcs_jax.model_files import model_dir as checkpoint, weights_cache as fast_read
 from qcs_jax.apps.throughput import random_variables
 from qcs_jax.data import synthetic, transforms
 from qcs_jax.models import build_model
@@ -260,7 +261,7 @@ def test_mismatched_checkpoint_is_explained_on_first_use(ckpt, tmp_path):
 
 def test_exported_program_is_reused_and_matches_the_model(ckpt, tmp_path, monkeypatch):
   from jax import export
-  from qcs_jax.apps import programs
+  from qcs_jax.apps import compiled_programs as programs
   loaded = checkpoint.load_model(ckpt)
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
   d = str(tmp_path / "progs")
@@ -291,7 +292,7 @@ def test_compiled_program_is_reused_without_flax_or_tracing(ckpt, tmp_path):
   """compiled_infer keeps the executable: a fresh load runs it with no Flax module built
   (so no trace, no lowering); a damaged file is recompiled and replaced, not loaded."""
   import jax
-  from qcs_jax.apps import programs
+  from qcs_jax.apps import compiled_programs as programs
   jax.clear_caches()  # as in a fresh process: no in-memory executable of this program
   x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
   d = str(tmp_path / "progs")
@@ -323,7 +324,7 @@ def test_compiled_program_is_reused_without_flax_or_tracing(ckpt, tmp_path):
 def test_saved_executable_that_fails_to_run_is_replaced(ckpt, tmp_path):
   """A file whose executable cannot run (e.g. saved without its machine code) is removed
   and the program compiled again on its first use; the answer is unchanged."""
-  from qcs_jax.apps import programs
+  from qcs_jax.apps import compiled_programs as programs
   x = np.random.default_rng(2).standard_normal((1, 32, 32, 3)).astype(np.float32)
   d = str(tmp_path / "progs")
   loaded = checkpoint.load_model(ckpt, check_shapes=False)
@@ -476,7 +477,7 @@ def test_predict_reads_the_weights_while_jax_is_imported(ckpt, tmp_path):
   """The CLI must not import JAX before Recognizer.load starts the weights' read thread
   (the overlap is the point of the thread)."""
   code = ("import sys\n"
-          "from qcs_jax import predict\n"
+          "from qcs_jax.cli import predict\n"
           "from qcs_jax.apps import recognizer\n"
           "def load(*a, **k):\n"
           "  print('jax imported before load:', 'jax' in sys.modules)\n"

@@ -22,9 +22,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qcs_jax import checkpoint, zoo  # pylint: disable=wrong-import-position
-from qcs_jax import convert as cli  # pylint: disable=wrong-import-position
+from qcs_jax import zoo  # pylint: disable=wrong-import-position
+from qcs_jax.cli import convert as cli  # pylint: disable=wrong-import-position
 from qcs_jax.interop import converter  # pylint: disable=wrong-import-position
+from qcs_jax.model_files import model_dir as checkpoint  # pylint: disable=wrong-import-position
 from qcs_jax.interop import reference as R
 from qcs_jax.interop import reference_files as RF  # pylint: disable=wrong-import-position
 
@@ -118,7 +119,7 @@ def test_converted_file_predicts_with_class_names(tmp_path, capsys):
   """A tiny QCS checkpoint saved as the authors do, converted with --dataset,
   predicts with RAF-DB's class names (not class_N)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from qcs_jax import predict  # pylint: disable=import-outside-toplevel
+  from qcs_jax.cli import predict  # pylint: disable=import-outside-toplevel
   cfg = R.make_cfg()
   pth = tmp_path / "qcs.pth"
   RF.save_full_checkpoint(pth, R.build_reference(cfg, seed=1))

@@ -32,7 +32,7 @@ def test_opt_out_leaves_environment_alone():
 
 def test_xla_reads_flags_after_our_imports():
   """The entry points set XLA_FLAGS after importing qcs_jax: XLA must read it later."""
-  code = ("import os, qcs_jax.training.loop, qcs_jax.evaluate, qcs_jax.predict\n"
+  code = ("import os, qcs_jax.training.loop, qcs_jax.cli.evaluate, qcs_jax.cli.predict\n"
           "os.environ['XLA_FLAGS'] = '--qcs_jax_no_such_flag=1'\n"
           "import jax.numpy as jnp\nprint(jnp.ones(1) + 1)\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -515,7 +515,7 @@ def test_open_split_dispatch(tmp_path, monkeypatch):
   fake = types.ModuleType("qcs_jax.data.synthetic")
   fake.make_synthetic_split = lambda c, split: calls.append((c.num_train, split)) or "ok"
   monkeypatch.setitem(sys.modules, "qcs_jax.data.synthetic", fake)
-  monkeypatch.setattr(qcs_jax.data, "synthetic", fake, raising=False)
+  monkeypatch.setattr(S, "synthetic", fake)  # sources imports it at its top
   cfg = _cfg(name="synthetic", synthetic=dict(num_train=7))
   assert S.open_split(cfg, "train") == "ok" and calls == [(7, "train")]
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MODEL, tree_rel_err
-from qcs_jax import checkpoint as ckpt_io
-from qcs_jax import config as config_lib
-from qcs_jax import evaluate
+from qcs_jax import recipes as config_lib
+from qcs_jax.apps import evaluation as evaluate
+from qcs_jax.model_files import model_dir as ckpt_io
 from qcs_jax.training import checkpoints, loop, optim, state as train_state, step as train_step
 from qcs_jax.models import build_model
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qcs_jax import checkpoint, config
-from qcs_jax.train import default_workdir
+from qcs_jax import recipes as config
+from qcs_jax.model_files import model_dir as checkpoint
+from qcs_jax.cli.train import default_workdir
 from qcs_jax.training import state as train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import TINY_MODEL, rel_err
-from qcs_jax import config as config_lib
+from qcs_jax import recipes as config_lib
 from qcs_jax.interop import converter as convert
 from qcs_jax.interop import reference as R
 from qcs_jax.models import NUM_BRANCHES, build_model

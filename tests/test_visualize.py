@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from conftest import rel_err, tiny_model_cfg
-from qcs_jax import checkpoint, predict
+from qcs_jax.apps import throughput
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.apps import csa_maps as visualize
 from qcs_jax.data import synthetic
 from qcs_jax.models import build_model
@@ -13,13 +14,13 @@ from qcs_jax.models import build_model
 
 def _save(tmp_path, name, csa):
   cfg = tiny_model_cfg(name, csa=csa)
-  variables = predict.random_variables(build_model(cfg), 64, seed=3, inference_only=False)
+  variables = throughput.random_variables(build_model(cfg), 64, seed=3, inference_only=False)
   return checkpoint.save_variables(tmp_path / name, variables, cfg,
                                    extra={"class_names": list(synthetic.CLASS_NAMES)})
 
 
 def _tool():
-  from qcs_jax import visualize as cli  # pylint: disable=import-outside-toplevel
+  from qcs_jax.cli import visualize as cli  # pylint: disable=import-outside-toplevel
   return cli
 
 

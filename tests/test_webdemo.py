@@ -16,7 +16,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qcs_jax import checkpoint, demo, predict
+from qcs_jax.apps import predict_files as predict, throughput
+from qcs_jax.cli import demo
+from qcs_jax.model_files import model_dir as checkpoint
 from qcs_jax.apps import webdemo
 from qcs_jax.data import synthetic
 from qcs_jax.models import build_model
@@ -136,14 +138,14 @@ def test_unknown_paths_are_404(server):
 
 def test_recognize_adapter_matches_predict(tmp_path, monkeypatch):
   model = build_model(TINY)
-  v = predict.random_variables(model, 32, seed=5, inference_only=False)
+  v = throughput.random_variables(model, 32, seed=5, inference_only=False)
   path = checkpoint.save_variables(tmp_path / "m", v, TINY, extra={"class_names": NAMES})
   loaded = checkpoint.load_model(path)
   photo = skimage.data.astronaut()
   rows = demo.recognize(loaded, photo)
   Image.fromarray(photo).save(tmp_path / "a.png")
-  want = predict.predict_paths([str(tmp_path / "a.png")], loaded, batch_size=4,
-                               detector="haar")  # the adapter detects with Haar
+  # The demo finds and aligns faces as qcs-predict does (one detector policy).
+  want = predict.predict_paths([str(tmp_path / "a.png")], loaded, batch_size=4)
   assert len(rows) == len(want) == 1
   assert rows[0]["box"] == want[0]["box"] and rows[0]["label"] == want[0]["label"]
   for c in NAMES:
@@ -164,7 +166,7 @@ def test_demo_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
 
 def test_embedded_demo_model_is_trained():
   """The shipped model loads without a checkpoint and beats chance (1/7) on synthetic faces."""
-  from qcs_jax.apps import export_lib
+  from qcs_jax.export import artefacts as export_lib
   model, description = demo.load(None)
   assert "embedded demo model" in description and model.class_names == NAMES
   assert model.model_cfg["img_size"] == 64

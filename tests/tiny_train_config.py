@@ -2,7 +2,7 @@
 
 Loaded by ``--config=tests/tiny_train_config.py`` (a file path, so no import path is needed).
 """
-from qcs_jax import config as config_lib
+from qcs_jax import recipes as config_lib
 
 
 def get_config(model: str = "qcs"):

@@ -3,7 +3,7 @@
   python tools/time_predict.py --checkpoint DIR [--checkpoint DIR2] [--runs 3] \
       [--compare_pythonpath /other/checkout]
 
-For each checkpoint: the wall time of `python -m qcs_jax.predict --checkpoint
+For each checkpoint: the wall time of `python -m qcs_jax.cli.predict --checkpoint
 DIR astronaut.jpg` in a fresh process with an empty compilation cache (cold)
 and again with the cache it left (warm); then, in this process,
 Recognizer.predict on that photo (one face) and predict_paths on a generated
@@ -42,7 +42,7 @@ def run_cli(checkpoint: str, photo: str, cache: str, pythonpath: str) -> float:
   env = dict(os.environ, QCS_JAX_CACHE_DIR=cache, PYTHONPATH=pythonpath)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   t0 = time.perf_counter()
-  subprocess.run([sys.executable, "-m", "qcs_jax.predict", "--checkpoint", checkpoint, photo],
+  subprocess.run([sys.executable, "-m", "qcs_jax.cli.predict", "--checkpoint", checkpoint, photo],
                  env=env, check=True, capture_output=True, cwd=pythonpath)
   return time.perf_counter() - t0
 
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"{ck}: predict one photo, fresh process: cold cache {med(cold)}, warm {med(warm)}"
           + (f"; --compare_pythonpath {med(other)}" if other else "") + f"; {load()}")
     from qcs_jax import Recognizer  # pylint: disable=import-outside-toplevel
-    from qcs_jax.apps import batch  # pylint: disable=import-outside-toplevel
+    from qcs_jax.apps import predict_files as batch  # pylint: disable=import-outside-toplevel
     rec = Recognizer.load(ck, cache=os.path.join(tmp, "inproc"))
     image = np.asarray(Image.open(photo))
     rec.predict(image)

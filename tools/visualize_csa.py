@@ -1,7 +1,7 @@
 """Cross Similarity Attention figure of a DCS/QCS model (same as `qcs-visualize`)."""
 import sys
 
-from qcs_jax.visualize import main
+from qcs_jax.cli.visualize import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -17,7 +17,19 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import cv2
+import jax
+import jax.numpy as jnp
+import matplotlib
 import numpy as np
+
+from qcs_jax.apps.recognizer import Recognizer, class_names_of
+from qcs_jax.data import transforms
+from qcs_jax.models import csa
+from qcs_jax.models.vit import LayerNorm
+
+matplotlib.use("Agg")  # before pyplot: figures are written to files, never shown
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
 BRANCH_NAMES = {2: ("anchor", "positive"), 4: ("anchor", "positive", "negative", "negative2")}
 CELL_INCHES = 2.2
@@ -37,25 +49,24 @@ def figure_size_px(num_branches: int, dpi: int = DPI) -> tuple[int, int]:
   return (int(round(COLUMNS * CELL_INCHES * dpi)), int(round(rows * CELL_INCHES * dpi)))
 
 
-def prepare_faces(images: Sequence[np.ndarray], img_size: int, detect: bool = False,
-                  margin: float = 0.25, min_face: int = 40,
+def prepare_faces(images: Sequence[np.ndarray], img_size: int,
+                  recognizer: Recognizer | None = None,
                   names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """uint8 pictures -> (normalised (n, S, S, 3) float32, displayed uint8 (n, S, S, 3)).
 
-  With `detect`, each picture is replaced by the square crop of its largest face.
+  With a `recognizer`, each picture is replaced by the crop of its largest face, found
+  and aligned as the Recognizer (qcs-predict, the web demo) does.
   """
-  from qcs_jax.apps import faces  # pylint: disable=import-outside-toplevel
-  from qcs_jax.data import transforms  # pylint: disable=import-outside-toplevel
   tf = transforms.build_transform(None, img_size, train=False)
   x = np.zeros((len(images), img_size, img_size, 3), np.float32)
   for i, im in enumerate(images):
     im = np.asarray(im)
-    if detect:
-      boxes = faces.detect_faces(im, min_face)
-      if not boxes:
+    if recognizer is not None:
+      rgb, dets = recognizer.detect(im)
+      if not dets:
         what = names[i] if names else f"image {i}"
         raise ValueError(f"{what}: no face found (drop --detect for cropped faces)")
-      im = faces.face_crop(im, boxes[0], margin)
+      im = recognizer.crop(rgb, dets[0])
     tf(im, None, out=x[i])
   shown = x * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN
   return x, np.clip(np.round(shown * 255.0), 0, 255).astype(np.uint8)
@@ -63,8 +74,6 @@ def prepare_faces(images: Sequence[np.ndarray], img_size: int, detect: bool = Fa
 
 def _qk(params: dict, tokens: Any) -> Any:
   """The cross module's QK projection of (n, T, D) tokens: proj(norm1(x))[..., :D]."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from qcs_jax.models.vit import LayerNorm  # pylint: disable=import-outside-toplevel
   d = tokens.shape[-1]
   h = LayerNorm(1e-5).apply({"params": params["norm1"]}, tokens)
   kernel = jnp.asarray(params["proj"]["kernel"])[:, :d]
@@ -87,9 +96,6 @@ def _attention_vectors(att: np.ndarray) -> np.ndarray:
 
 def _forward(model: Any, variables: Any, x: Any) -> dict:
   """Sown attention, QK-based matrices and recomputed attention of one sample (jittable)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from qcs_jax.models import csa  # pylint: disable=import-outside-toplevel
 
   nb = x.shape[0]
   # One forward: the cross modules sow their attention; capture_intermediates
@@ -133,8 +139,6 @@ def csa_maps(loaded: Any, images: np.ndarray) -> dict:
     grid (g, g) of each level, probs (nb, K) of the inference path,
     max_attention_error: max |recomputed - sown| attention over levels).
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   model = loaded.model
   nb = model.num_branches
@@ -160,7 +164,6 @@ def csa_maps(loaded: Any, images: np.ndarray) -> dict:
 
 def upsample(vec: np.ndarray, grid: int, size: int) -> np.ndarray:
   """(g*g,) token weights -> (size, size) heatmap in [0, 1] (bilinear, min-max scaled)."""
-  import cv2  # pylint: disable=import-outside-toplevel
   m = np.asarray(vec, np.float32).reshape(grid, grid)
   m = cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR)
   lo, hi = float(m.min()), float(m.max())
@@ -170,9 +173,6 @@ def upsample(vec: np.ndarray, grid: int, size: int) -> np.ndarray:
 def render(maps: dict, shown: np.ndarray, path: str, class_names: Sequence[str],
            names: Sequence[str] | None = None, dpi: int = DPI, title: str = "") -> str:
   """Writes the figure: a row per image (face + 3 overlaid levels), a row per matrix."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   nb = shown.shape[0]
   branch = BRANCH_NAMES[nb]
@@ -223,12 +223,10 @@ def visualize_csa(loaded: Any, images: Sequence[np.ndarray], output: str,
                   margin: float = 0.25, min_face: int = 40, dpi: int = DPI) -> dict:
   """Pictures (uint8 RGB, order a, p[, n, n2]) -> PNG at `output`; returns csa_maps(...)."""
   size = int(loaded.model_cfg.get("img_size", 224))
-  x, shown = prepare_faces(images, size, detect, margin, min_face, names)
+  rec = Recognizer(loaded, margin=margin, min_face=min_face) if detect else None
+  x, shown = prepare_faces(images, size, rec, names)
   maps = csa_maps(loaded, x)
-  k = int(loaded.model_cfg.get("num_classes", 7))
-  class_names = list(loaded.class_names or [])
-  if len(class_names) != k:
-    class_names = [f"class_{i}" for i in range(k)]
+  class_names = class_names_of(loaded)
   cfg = loaded.model_cfg
   title = (f"{str(cfg.get('name', 'qcs')).upper()} (csa={cfg.get('csa', 'sd')}) "
            f"cross similarity attention, {size} px")

@@ -15,6 +15,11 @@ img_size, ImageNet normalisation). The model runs on batches padded to a
 power of two (1, 2, 4, ... max_batch), so a process compiles only the batch
 sizes it meets, and JAX's persistent compilation cache (on by default,
 runtime.enable_compilation_cache) makes a fresh process load them from disk.
+
+The modules that import JAX (the model folder's loader, the compiled
+programs) are imported by `_jax_side()` after `load` has started reading the
+weights in a thread, so the read overlaps JAX's import (~1 s of a warm
+`qcs-predict`; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -25,25 +30,33 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from qcs_jax.apps import detectors, faces, images
+from qcs_jax import runtime
+from qcs_jax.apps import detectors, faces, user_images as images
+from qcs_jax.data import transforms
+from qcs_jax.model_files import weights_cache
+from qcs_jax.model_files.locate import model_folder
 
 Row = dict[str, Any]
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> str:
-  """A checkpoint directory: `path` if it holds model.json, else its best/ (a training workdir)."""
-  path = os.path.expanduser(os.fspath(path))
-  best = os.path.join(path, "best")
-  if not os.path.isfile(os.path.join(path, "model.json")) and os.path.isfile(
-      os.path.join(best, "model.json")):
-    return best
-  return path
+def class_names_of(loaded: Any) -> list[str]:
+  """The model's class names, or class_0.. when its checkpoint has none (or a wrong count)."""
+  k = int(loaded.model_cfg.get("num_classes", 7))
+  names = list(getattr(loaded, "class_names", None) or [])
+  return names if len(names) == k else [f"class_{i}" for i in range(k)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
   z = np.asarray(logits, np.float64)
   e = np.exp(z - z.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
+
+
+def _jax_side() -> tuple[Any, Any]:
+  """(model_dir, compiled_programs): they import JAX, so not at module top (see above)."""
+  from qcs_jax.apps import compiled_programs  # pylint: disable=import-outside-toplevel
+  from qcs_jax.model_files import model_dir  # pylint: disable=import-outside-toplevel
+  return model_dir, compiled_programs
 
 
 def bucket(n: int, max_batch: int) -> int:
@@ -74,7 +87,6 @@ class Recognizer:
   def __init__(self, model: Any, detector: Any = "auto", max_batch: int = 16,
                margin: float = 0.25, min_face: int = 40, align: bool = True,
                score_threshold: float = 0.5, tiles: int = 0):
-    from qcs_jax.data import transforms  # pylint: disable=import-outside-toplevel
     if max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     if margin < 0:
@@ -83,7 +95,6 @@ class Recognizer:
       raise ValueError(f"min_face must be >= 1, got {min_face}")
     self.model = model
     self.img_size = int(model.model_cfg.get("img_size", 224))
-    from qcs_jax.apps.batch import class_names_of  # pylint: disable=import-outside-toplevel
     self.class_names = class_names_of(model)
     self.max_batch, self.margin, self.min_face, self.align = (
         int(max_batch), float(margin), int(min_face), bool(align))
@@ -103,27 +114,25 @@ class Recognizer:
     """A checkpoint directory or training workdir -> Recognizer (kwargs: see the class).
 
     cache: where compiled programs are kept (JAX's persistent compilation cache
-    and the saved inference executables, programs.py): True (the per-user
+    and the saved inference executables, compiled_programs.py): True (the per-user
     default, runtime.default_cache_dir), a folder, or False (neither).
     """
-    from qcs_jax import fast_read, runtime  # pylint: disable=import-outside-toplevel
-    directory = resolve_checkpoint(path)
+    directory = model_folder(path)
     # Start-up in parallel: the weights are read (or their uncompressed copy in the
     # cache mapped) while JAX is imported, and a saved batch-1 executable is loaded
     # while the detector is built.
-    arrays = fast_read.start(directory, runtime.cache_dir_for(cache))
-    from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    arrays = weights_cache.start(directory, runtime.cache_dir_for(cache))
+    model_dir, compiled_programs = _jax_side()
     cache_dir = runtime.enable_compilation_cache(cache)
     # The shape check traces the whole model (~1 s at paper size): it runs only
     # if the model fails to run (classify_prepared), to explain why.
-    loaded = checkpoint.load_model(directory, check_shapes=False, arrays=arrays.result())
+    loaded = model_dir.load_model(directory, check_shapes=False, arrays=arrays.result())
     pending = None
-    if cache_dir:  # compiled programs (programs.py), beside JAX's compilation cache
+    if cache_dir:  # compiled programs (compiled_programs.py), beside JAX's compilation cache
       program_dir = os.path.join(cache_dir, "qcs_jax_programs")
-      from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
       size = int(loaded.model_cfg.get("img_size", 224))
       pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qcs_program")
-      pending = pool.submit(programs.load_compiled, loaded, 1, size, program_dir)
+      pending = pool.submit(compiled_programs.load_compiled, loaded, 1, size, program_dir)
       pool.shutdown(wait=False)
     rec = cls(loaded, **kwargs)
     rec._unchecked = directory
@@ -153,8 +162,8 @@ class Recognizer:
 
   def _run(self, x: np.ndarray) -> Any:
     m = self.model
-    from qcs_jax.checkpoint import LoadedModel  # pylint: disable=import-outside-toplevel
-    if self._program_dir is None or not isinstance(m, LoadedModel):
+    model_dir, compiled_programs = _jax_side()
+    if self._program_dir is None or not isinstance(m, model_dir.LoadedModel):
       return m.logits(x)
     b = len(x)
     if b == 1 and self._pending is not None:  # loaded in the background by load()
@@ -162,8 +171,7 @@ class Recognizer:
       if found is not None:
         self._programs[1] = found
     if b not in self._programs:
-      from qcs_jax.apps import programs  # pylint: disable=import-outside-toplevel
-      self._programs[b] = programs.compiled_infer(m, b, self.img_size, self._program_dir)
+      self._programs[b] = compiled_programs.compiled_infer(m, b, self.img_size, self._program_dir)
     return self._programs[b](m.variables, np.asarray(x, np.float32))
 
   def _logits(self, x: np.ndarray) -> Any:
@@ -172,8 +180,7 @@ class Recognizer:
     try:
       out = self._run(x)
     except Exception:  # a model that does not fit its variables: say which ones
-      from qcs_jax import checkpoint  # pylint: disable=import-outside-toplevel
-      checkpoint.check_variables(self.model, self._unchecked)
+      _jax_side()[0].check_variables(self.model, self._unchecked)
       raise
     self._unchecked = None
     return out

@@ -1,6 +1,6 @@
 """Inference throughput of the jitted inference path, with random or loaded weights.
 
-  python -m qcs_jax.predict --benchmark [--checkpoint DIR]
+  qcs-predict --benchmark [--checkpoint DIR]
 
 `random_variables` gives a model random weights without running its (slow on
 CPU) initialisers; the tests use it too.
@@ -11,7 +11,12 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from qcs_jax.model_files.model_dir import load_checkpoint
+from qcs_jax.models import build_model
 
 
 def random_variables(model: Any, img_size: int, seed: int = 0,
@@ -22,7 +27,6 @@ def random_variables(model: Any, img_size: int, seed: int = 0,
   scales and BN variances 1, biases and means 0, PReLU slopes 0.25. As good as
   model.init for timing and tests, without its slow compilation on CPU.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   if inference_only:
     x = jax.ShapeDtypeStruct((1, img_size, img_size, 3), np.float32)
     init = lambda k, x: model.init(k, x, method="infer")  # noqa: E731
@@ -54,12 +58,9 @@ def benchmark(model_cfg: Any = None, loaded: Any = None, batch_sizes: Sequence[i
   model_cfg: config.model fields (default: the paper's QCS, 224 px) with random
   weights; or `loaded`: a loaded checkpoint.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   if loaded is not None:
     model, variables, cfg = loaded.model, loaded.variables, dict(loaded.model_cfg)
   else:
-    from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
     cfg = dict(model_cfg or {})
     model = build_model(cfg)
     variables = random_variables(model, model.img_size)
@@ -89,7 +90,6 @@ def print_benchmark(checkpoint: str | None, batch_sizes: Sequence[int],
   """Prints `benchmark` of the checkpoint (or of the paper's QCS, random weights)."""
   loaded = None
   if checkpoint:
-    from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
     loaded = load_checkpoint(checkpoint)
   what = checkpoint or "QCS, paper defaults (224 px, IR50 + ViT 768), random weights"
   print(f"inference throughput of {what}:")

@@ -120,7 +120,7 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> str:
 
 def annotate(image: np.ndarray, rows: list[dict]) -> np.ndarray:
   """The photo with each face's box and 'label score' (predict.draw_annotations' drawing)."""
-  from qcs_jax.predict import draw_annotations  # pylint: disable=import-outside-toplevel
+  from qcs_jax.apps.annotate import draw_annotations  # pylint: disable=import-outside-toplevel
   from qcs_jax.data.base import decode_rgb  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as d:
     path = draw_annotations(image, rows, os.path.join(d, "annotated.png"))

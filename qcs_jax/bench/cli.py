@@ -19,7 +19,7 @@ What runs:
   jitted (qcs_jax.training.step.make_eval_step), PyTorch `infer` under torch.inference_mode().
 
 Both frameworks get the weights of one `build_reference(cfg, seed)` (converted for
-JAX with qcs_jax.convert.convert_model), the same images and labels; the first
+JAX with qcs_jax.interop.converter.convert_model), the same images and labels; the first
 step's loss of each is printed so that a reader can see they compute the same thing.
 
 JAX runs with qcs_jax.runtime's CPU XLA flags, as the entry points do. Each framework

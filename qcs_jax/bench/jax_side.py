@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from qcs_jax.bench.common import make_batch, random_images, timed
+from qcs_jax.bench.workload import make_batch, random_images, timed
 
 
 class JaxBench:
@@ -17,7 +17,7 @@ class JaxBench:
   def __init__(self, args, cfg: dict, sd: dict):
     import jax  # pylint: disable=import-outside-toplevel
     # pylint: disable=import-outside-toplevel
-    from qcs_jax import config as config_lib
+    from qcs_jax import recipes as config_lib
     from qcs_jax.interop import converter as convert
     from qcs_jax.training import optim, state as train_state, step as train_step
     from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel

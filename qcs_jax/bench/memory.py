@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from qcs_jax.bench.common import load_state_dict, model_config, weights_file
+from qcs_jax.bench.workload import load_state_dict, model_config, weights_file
 from qcs_jax.bench.jax_side import JaxBench
 
 POLICIES = ("none", "convs", "full")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qcs_jax.bench.common import (load_average, load_state_dict, make_batch, model_config,
+from qcs_jax.bench.workload import (load_average, load_state_dict, make_batch, model_config,
                                   num_branches,
                                   timed, weights_file)
 from qcs_jax.bench.jax_side import JaxBench

@@ -9,7 +9,7 @@ import re
 import statistics
 import tempfile
 
-from qcs_jax.bench.common import load_state_dict, model_config, weights_file
+from qcs_jax.bench.workload import load_state_dict, model_config, weights_file
 from qcs_jax.bench.jax_side import JaxBench
 
 

@@ -7,7 +7,7 @@ import json
 import statistics
 from typing import Any, Optional
 
-from qcs_jax.bench.common import gpu_peak, machine_line
+from qcs_jax.bench.workload import gpu_peak, machine_line
 
 
 def summarize(key: str, c: Any, prep: dict, steps: list[dict], warm: list[dict],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcs_jax.bench.common import machine_line, timed
+from qcs_jax.bench.workload import machine_line, timed
 
 
 def roofline_main(args) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from qcs_jax.bench.common import (WORKER_TAG, load_average, load_state_dict, machine_line,
+from qcs_jax.bench.workload import (WORKER_TAG, load_average, load_state_dict, machine_line,
                                   model_config, weights_file)
 from qcs_jax.bench.jax_side import JaxBench
 from qcs_jax.bench.torch_side import TorchBench

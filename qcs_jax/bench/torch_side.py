@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from typing import Any, Callable
 
-from qcs_jax.bench.common import make_batch, random_images, timed
+from qcs_jax.bench.workload import make_batch, random_images, timed
 
 
 class TorchBench:

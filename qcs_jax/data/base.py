@@ -1,4 +1,4 @@
-"""The source types: random-access face images with integer labels, and DataError.
+"""The source types: random-access face images with integer labels.
 
 Every source is a grain ``RandomAccessDataSource``: ``len(source)`` and
 ``source[i] -> {'image': uint8 (H, W, 3) RGB, 'label': int32, 'index': int}``.
@@ -14,18 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
-class DataError(ValueError):
-  """Bad input: names the file, line, key or value that is wrong."""
-
-
-def decode_rgb(path: str) -> np.ndarray:
-  """Reads an image file as uint8 (H, W, 3) RGB; one DataError line naming the file if not.
-
-  See qcs_jax.data.images (decompression bombs, empty, truncated, CMYK, 16-bit, alpha).
-  """
-  from qcs_jax.data import images  # pylint: disable=import-outside-toplevel  # imports base
-  return images.decode_rgb(path)
+# decode_rgb: an image file -> uint8 (H, W, 3) RGB, or one DataError line naming the file
+# (decompression bombs, empty, truncated, CMYK, 16-bit, alpha: see qcs_jax.data.images).
+from qcs_jax.data.errors import DataError
+from qcs_jax.data.images import decode_rgb
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from qcs_jax.data.base import DataError
+from qcs_jax.data.errors import DataError
 
 # PIL's own warning threshold (about 0.25 GiB as RGB): no face photo comes near it.
 MAX_PIXELS = 89_478_485

@@ -34,12 +34,23 @@ from absl import flags
 import grain
 import numpy as np
 
+from qcs_jax import runtime
 from qcs_jax.data import bad_images, device_batches, host_batches, sampling, transforms
 from qcs_jax.data.host_batches import augment_rng  # pylint: disable=unused-import
 
 log = logging.getLogger(__name__)
 
-AUGMENT_ON = ("host", "device")
+AUGMENT_ON = ("auto", "host", "device")
+
+
+def resolve_augment_on(value: str, platform: str | None = None) -> str:
+  """'auto' -> 'device' on an accelerator, 'host' on CPU (runtime.expected_platform());
+  'host' and 'device' as given."""
+  if value not in AUGMENT_ON:
+    raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, got {value!r}")
+  if value != "auto":
+    return value
+  return "host" if (platform or runtime.expected_platform()) == "cpu" else "device"
 ON_BAD_IMAGE = bad_images.ON_BAD_IMAGE
 _get = bad_images.get
 
@@ -81,10 +92,7 @@ def _check_options(data_cfg: Any) -> tuple[str, int, bool]:
   workers = int(_get(data_cfg, "workers", 0))
   if workers < 0:
     raise ValueError(f"data.workers must be >= 0, got {workers}")
-  augment_on = _get(data_cfg, "augment_on", "host")
-  if augment_on not in AUGMENT_ON:
-    raise ValueError(f"data.augment_on must be one of {AUGMENT_ON}, got {augment_on!r}")
-  return on_bad, workers, augment_on == "device"
+  return on_bad, workers, resolve_augment_on(_get(data_cfg, "augment_on", "auto")) == "device"
 
 
 def _ensure_flags_parsed() -> None:

@@ -15,13 +15,14 @@ from qcs_jax.data.base import (DataError, FERSource, FileListSource, FileSource,
 from qcs_jax.data.readers import affectnet as _affectnet, ferplus as _ferplus
 from qcs_jax.data.readers import generic as _generic, rafdb as _rafdb
 from qcs_jax.data.readers.affectnet import AFFECTNET_CLASSES, AFFECTNET_COLUMNS, affectnet
-from qcs_jax.data.readers.common import ON_MISSING, _fast_rows, _resolve_option_path
+from qcs_jax.data.readers.parsing import ON_MISSING, _fast_rows, _resolve_option_path
 from qcs_jax.data.readers.ferplus import (FERPLUS_CLASSES, FERPLUS_NF, FERPLUS_UNKNOWN,
                                           FERPLUS_VOTE_COLUMNS, ferplus, ferplus_majority_vote)
 from qcs_jax.data.readers.generic import (IMAGE_EXTENSIONS, csv_manifest, folder_class_names,
                                           image_folder)
 from qcs_jax.data.readers.rafdb import RAFDB_CLASSES, rafdb
 # pylint: enable=unused-import
+from qcs_jax.data import synthetic
 
 
 # --- dispatch and checks ----------------------------------------------------------
@@ -75,7 +76,6 @@ def open_split(data_cfg: Any, split: str) -> FERSource:
   if name not in DATASET_NAMES:
     raise DataError(f"unknown data set data.name={name!r}; valid: {', '.join(DATASET_NAMES)}")
   if name == "synthetic":
-    from qcs_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.make_synthetic_split(get("synthetic", None), split)
   if name == "csv":
     csv_path = get("csv", "") or ""

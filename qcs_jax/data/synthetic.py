@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qcs_jax.data.sources import DataError, InMemorySource
+from qcs_jax.data.base import DataError, InMemorySource
 from qcs_jax.data.synthetic_render import NUM_IRIS, confound_code, render_faces
 
 __all__ = ["CLASS_NAMES", "NUM_CLASSES", "NUISANCE_FACTORS", "SPLITS",

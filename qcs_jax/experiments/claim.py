@@ -34,7 +34,7 @@ from typing import Sequence
 
 import ml_collections
 
-from qcs_jax import config as config_lib
+from qcs_jax import recipes as config_lib
 from qcs_jax.data.base import DataError
 
 MODELS = {"baseline": ("baseline", "sd"), "dcs": ("dcs", "s"), "qcs-sd": ("qcs", "sd"),

@@ -116,11 +116,11 @@ def _same_tree(a, b) -> bool:
 
 def compare(reference: str, other: str) -> dict:
   """Weights, metrics rows and best/ of two workdirs: what matches."""
-  from qcs_jax import checkpoint as ckpt_io  # pylint: disable=import-outside-toplevel
+  from qcs_jax.model_files import model_dir  # pylint: disable=import-outside-toplevel
   from qcs_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
   ra, rb = metrics_rows(reference), metrics_rows(other)
   same_rows = sum(x == y for x, y in zip(ra, rb))
-  best = [ckpt_io.load_variables(os.path.join(d, "best"))[0] for d in (reference, other)]
+  best = [model_dir.load_variables(os.path.join(d, "best"))[0] for d in (reference, other)]
   return {"weights_exact": _same_tree(checkpoints.latest_variables(reference),
                                       checkpoints.latest_variables(other)),
           "rows": len(ra), "rows_equal": same_rows if len(ra) == len(rb) else 0,

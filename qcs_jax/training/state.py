@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qcs_jax import checkpoint as ckpt_io
-from qcs_jax.config import NUM_BRANCHES
+from qcs_jax.model_files import model_dir
+from qcs_jax.models.qcs import NUM_BRANCHES
 
 log = logging.getLogger("qcs_jax")
 
@@ -75,7 +75,7 @@ def check_init(cfg) -> None:
   """
   init = cfg.init
   if init.get("require_backbone", False) and not init.backbone and not init.checkpoint:
-    raise ckpt_io.CheckpointError(
+    raise model_dir.CheckpointError(
         "this recipe trains from the Ms-Celeb-1M IR50, as the paper does (its accuracies "
         "depend on it), but config.init.backbone is empty. Download the authors' ir50.pth "
         "(qcs-convert --list_zoo), convert it with `qcs-convert --input ir50.pth --output "
@@ -87,13 +87,13 @@ def apply_init(variables: dict, init_cfg) -> dict:
   """Loads config.init.backbone (converted IR50) or config.init.checkpoint (full model)."""
   variables = jax.tree.map(lambda x: x, variables)
   if init_cfg.checkpoint:
-    loaded, _ = ckpt_io.load_variables(init_cfg.checkpoint)
+    loaded, _ = model_dir.load_variables(init_cfg.checkpoint)
     for col in ("params", "batch_stats"):
       variables[col] = _replace_subtree(variables[col], loaded.get(col, {}),
                                         f"init.checkpoint={init_cfg.checkpoint} [{col}]")
     log.info("initialised the whole model from %s", init_cfg.checkpoint)
   elif init_cfg.backbone and init_cfg.backbone != SCRATCH:
-    loaded, _ = ckpt_io.load_variables(init_cfg.backbone)
+    loaded, _ = model_dir.load_variables(init_cfg.backbone)
     for col in ("params", "batch_stats"):
       if "ir_back" not in loaded.get(col, {}):
         raise ValueError(f"init.backbone={init_cfg.backbone}: no ir_back {col} in it")

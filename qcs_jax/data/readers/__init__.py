@@ -3,6 +3,6 @@
 Each reader validates its files on open and returns a ``qcs_jax.data.sources``
 source (it never prints): ``rafdb.rafdb``, ``ferplus.ferplus``,
 ``affectnet.affectnet``, ``generic.image_folder`` / ``generic.csv_manifest``;
-``common`` holds the parsing helpers they share. ``qcs_jax.data.sources``
+``parsing`` holds the parsing helpers they share. ``qcs_jax.data.sources``
 re-exports the reader functions and dispatches to them in ``open_split``.
 """

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qcs_jax.data.readers.common import (_check_on_missing, _column_index, _fast_rows,
+from qcs_jax.data.readers.parsing import (_check_on_missing, _column_index, _fast_rows,
                                          _first_existing, _found, _keep_existing, _norm_split,
                                          _parse_int)
 from qcs_jax.data.base import DataError, FileListSource, LineOrigins

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qcs_jax.data.readers.common import (_check_on_missing, _column_index, _found,
+from qcs_jax.data.readers.parsing import (_check_on_missing, _column_index, _found,
                                          _keep_existing, _open_csv)
 from qcs_jax.data.base import DataError, FileListSource, LineOrigins
 

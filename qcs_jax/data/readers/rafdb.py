@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from qcs_jax.data.readers.common import (_check_on_missing, _first_existing, _found,
+from qcs_jax.data.readers.parsing import (_check_on_missing, _first_existing, _found,
                                          _keep_existing, _norm_split, _parse_int, _read_lines,
                                          _resolve_option_path)
 from qcs_jax.data.base import DataError, FileListSource, LineOrigins

@@ -1,11 +1,11 @@
-"""Expression prediction on your own photos and videos (a thin CLI over qcs_jax.Recognizer).
+"""qcs-predict: expressions in your own photos and videos (a thin CLI over qcs_jax.Recognizer).
 
-  python -m qcs_jax.predict --checkpoint runs/rafdb photo.jpg folder/ clip.mp4 \
+  qcs-predict --checkpoint runs/rafdb_qcs photo.jpg folder/ clip.mp4 \
       [--detector auto|blazeface|blazeface_short|haar] [--detector_tiles N] \
       [--no-detect] [--no-align] \
       [--format jsonl|csv] [--output FILE] [--annotate DIR] [--every K] \
       [--margin 0.25] [--min_face 40] [--batch_size 16] [--no-cache]
-  python -m qcs_jax.predict --benchmark [--checkpoint DIR]
+  qcs-predict --benchmark [--checkpoint DIR]
 
 Photos (jpg/png/bmp/webp/tif, turned upright by their EXIF orientation) and
 videos (mp4/avi/mov/mkv/webm, every K-th frame) are searched for faces with
@@ -31,38 +31,21 @@ import io
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from qcs_jax import runtime
-from qcs_jax.apps import detectors, throughput
-from qcs_jax.apps.batch import predict_paths as _predict_paths
-# Re-exported: callers and tests reach these through this module.
-# pylint: disable=unused-import
-from qcs_jax.apps.annotate import Annotator, draw_annotations  # noqa: F401
-from qcs_jax.apps.batch import BatchedClassifier, class_names_of  # noqa: F401
-from qcs_jax.apps.images import read_image  # noqa: F401
-from qcs_jax.apps.media import find_inputs, is_video  # noqa: F401
-from qcs_jax.data.video import VideoFrames  # noqa: F401
-from qcs_jax.apps.throughput import benchmark, random_variables  # noqa: F401
-# pylint: enable=unused-import
+from qcs_jax.apps import detectors
+from qcs_jax.apps.predict_files import predict_paths
+from qcs_jax.apps.recognizer import Recognizer
+from qcs_jax.model_files.locate import CheckpointError
 
 FORMATS = ("jsonl", "csv")
-__all__ = ["predict_paths", "format_rows", "main", "run", "find_inputs", "is_video",
-           "VideoFrames", "benchmark", "random_variables", "read_image", "Annotator",
-           "draw_annotations", "BatchedClassifier", "class_names_of"]
 
 
 def _stderr(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def predict_paths(paths: Sequence[str], model: Any, detect: bool = True, every: int = 1,
-                  margin: float = 0.25, min_face: int = 40, batch_size: int = 16,
-                  annotate: str | None = None, on_problem=_stderr,
-                  detector: Any = "auto") -> list[dict]:
-  """qcs_jax.apps.batch.predict_paths (annotate: a folder for annotated pictures)."""
-  return _predict_paths(paths, model, detect, every, margin, min_face, batch_size, annotate,
-                        on_problem, detector)
 
 
 # ----------------------------------------------------------------------------- output
@@ -89,7 +72,7 @@ def format_rows(rows: list[dict], fmt: str, class_names: Sequence[str]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m qcs_jax.predict",
+  ap = argparse.ArgumentParser(prog="qcs-predict",
                                description=__doc__.split("\n\n")[0])
   ap.add_argument("paths", nargs="*", help="photos, videos and folders of them")
   ap.add_argument("--checkpoint", help="checkpoint dir or training workdir (its best/)")
@@ -137,10 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.benchmark:
     if args.cache:
       runtime.enable_compilation_cache()
+    # throughput imports JAX, which the prediction path below must not import before
+    # Recognizer.load has started reading the weights (see apps/recognizer.py).
+    from qcs_jax.apps import throughput  # pylint: disable=import-outside-toplevel
     sizes = [int(s) for s in args.benchmark_batch_sizes.split(",") if s]
     throughput.print_benchmark(args.checkpoint, sizes, args.benchmark_seconds)
     return 0
-  from qcs_jax.apps.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
   # Nothing here may import JAX before Recognizer.load: it starts reading the
   # weights in a thread first, so the read overlaps JAX's import (~1 s).
   try:
@@ -150,7 +135,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           min_face=args.min_face, align=args.align,
                           tiles=args.detector_tiles)
   except (ValueError, detectors.DetectorUnavailable, OSError) as e:
-    from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
     if isinstance(e, ValueError) and not isinstance(e, CheckpointError):
       raise
     _stderr(f"error: {e}")
@@ -161,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems.append(msg)
     _stderr(msg)
 
-  rows = predict_paths(args.paths, rec, args.detect, args.every, annotate=args.annotate,
+  rows = predict_paths(args.paths, rec, args.detect, args.every, annotate_dir=args.annotate,
                        on_problem=report)
   fmt = args.format or ("csv" if (args.output or "").lower().endswith(".csv") else "jsonl")
   text = format_rows(rows, fmt, rec.class_names)

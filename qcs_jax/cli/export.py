@@ -1,6 +1,6 @@
-"""Export a checkpoint's inference path to a jax.export artefact and an ONNX model.
+"""qcs-export: a checkpoint's inference path to a jax.export artefact and an ONNX model.
 
-  python -m qcs_jax.export --checkpoint runs/rafdb --out exported/rafdb \
+  qcs-export --checkpoint runs/rafdb_qcs --out exported/rafdb \
       [--formats jax,onnx] [--tolerance 1e-4] [--force] [--benchmark]
 
 Writes OUT/model.jax_export (serialized StableHLO, weights inside, symbolic
@@ -19,10 +19,12 @@ import sys
 from typing import Sequence
 
 from qcs_jax import runtime
+from qcs_jax.export import artefacts
+from qcs_jax.model_files.model_dir import CheckpointError, load_checkpoint
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m qcs_jax.export",
+  ap = argparse.ArgumentParser(prog="qcs-export",
                                description=__doc__.split("\n\n")[0])
   ap.add_argument("--checkpoint", required=True, help="checkpoint dir or training workdir")
   ap.add_argument("--out", required=True, help="output folder")
@@ -40,27 +42,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  from qcs_jax.apps import export_lib  # pylint: disable=import-outside-toplevel
-  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   if not args.tolerance > 0:
     print(f"error: --tolerance must be > 0, got {args.tolerance}", file=sys.stderr)
     return 2
   try:
-    meta = export_lib.export_checkpoint(args.checkpoint, args.out, formats, args.tolerance,
+    meta = artefacts.export_checkpoint(args.checkpoint, args.out, formats, args.tolerance,
                                         args.force)
-  except (CheckpointError, export_lib.ExportError, OSError) as e:
+  except (CheckpointError, artefacts.ExportError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1 if isinstance(e, export_lib.ExportError) else 2
+    return 1 if isinstance(e, artefacts.ExportError) else 2
   if args.benchmark:
-    from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
     loaded = load_checkpoint(args.checkpoint)
     runners = {"jax": loaded.logits}
     if "onnx" in meta["artefacts"]:
-      runners["onnxruntime"] = export_lib.load_onnx_runner(
-          os.path.join(args.out, export_lib.ONNX_FILE))
+      runners["onnxruntime"] = artefacts.load_onnx_runner(
+          os.path.join(args.out, artefacts.ONNX_FILE))
     sizes = [int(s) for s in args.benchmark_batch_sizes.split(",") if s]
-    rates = export_lib.time_runners(runners, int(loaded.model_cfg["img_size"]), sizes,
+    rates = artefacts.time_runners(runners, int(loaded.model_cfg["img_size"]), sizes,
                                     args.benchmark_rounds)
     for bs in sizes:
       print(f"batch {bs:3d}: " + ", ".join(

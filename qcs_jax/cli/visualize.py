@@ -1,11 +1,12 @@
-"""Draws the Cross Similarity Attention of a DCS (2 images) or QCS (4 images) model.
+"""qcs-visualize: the Cross Similarity Attention of a DCS (2 images) or QCS (4 images) model.
 
-  qcs-visualize --checkpoint runs/rafdb ANCHOR POSITIVE NEG NEG2 \
+  qcs-visualize --checkpoint runs/rafdb_qcs ANCHOR POSITIVE NEG NEG2 \
       --output csa.png [--detect] [--margin 0.25] [--min_face 40] [--dpi 100]
 
 Images are anchor, positive (same expression)[, negative, negative2 (another
 shared expression)]. One row per image: the face and its CSA attention at each
 pyramid level; then the S / D token x token matrices. See qcs_jax/apps/csa_maps.py.
+--detect finds and aligns each face as qcs-predict does (qcs_jax.Recognizer).
 """
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ import sys
 from typing import Sequence
 
 from qcs_jax.apps import csa_maps as visualize
+from qcs_jax.apps.user_images import read_image
+from qcs_jax.data.errors import DataError
+from qcs_jax.model_files.model_dir import CheckpointError, load_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap = argparse.ArgumentParser(prog="qcs-visualize", description=__doc__.split("\n\n")[0])
   ap.add_argument("images", nargs="+", help="2 (DCS) or 4 (QCS) face images, anchor first")
   ap.add_argument("--checkpoint", required=True, help="checkpoint dir or training workdir")
   ap.add_argument("--output", required=True, help="PNG to write")
-  ap.add_argument("--detect", action="store_true", help="crop the largest face of each image")
+  ap.add_argument("--detect", action="store_true",
+                  help="crop the largest face of each image, aligned as qcs-predict does")
   ap.add_argument("--margin", type=float, default=0.25)
   ap.add_argument("--min_face", type=int, default=40)
   ap.add_argument("--dpi", type=int, default=visualize.DPI)
@@ -30,10 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if len(args.images) not in (2, 4):
     ap.error(f"give 2 (DCS) or 4 (QCS) images, got {len(args.images)}")
 
-  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from qcs_jax.data.sources import DataError  # pylint: disable=import-outside-toplevel
-  from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
-  from qcs_jax.predict import read_image  # pylint: disable=import-outside-toplevel
   try:
     loaded = load_checkpoint(args.checkpoint)
     pictures = [read_image(p) for p in args.images]
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-  """Console script."""
+  """Console script `qcs-visualize`."""
   sys.exit(main())
 
 

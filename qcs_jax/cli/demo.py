@@ -1,6 +1,6 @@
-"""Try a model in your browser: a local web page that recognises expressions in your photos.
+"""qcs-demo: try a model in your browser, a local web page that recognises expressions in photos.
 
-  python -m qcs_jax.demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] \
+  qcs-demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] \
       [--max_upload_mb 10]
 
 Without --checkpoint it runs the embedded demo model (qcs_jax/assets/demo_model:
@@ -18,40 +18,38 @@ from typing import Any, Sequence
 import numpy as np
 
 from qcs_jax import runtime
+from qcs_jax.apps import webdemo
+from qcs_jax.apps.recognizer import Recognizer
+from qcs_jax.model_files.model_dir import CheckpointError, load_checkpoint
 
-DEMO_MODEL = pathlib.Path(__file__).with_name("assets") / "demo_model"
+DEMO_MODEL = pathlib.Path(__file__).parent.parent / "assets" / "demo_model"
 BATCH = 8  # faces per model call: one compiled shape
 
 
-def recognize(model: Any, image: np.ndarray, detect: bool = True, margin: float = 0.25,
-              min_face: int = 40, max_faces: int | None = None) -> list[dict]:
+def recognize(model: Any, image: np.ndarray, detect: bool = True,
+              max_faces: int | None = None) -> list[dict]:
   """THE adapter between the demo and the model: photo -> [{box, label, score, probabilities}].
 
-  `model` is a loaded checkpoint (checkpoint.LoadedModel). Built on
-  predict.BatchedClassifier and apps.faces; the one place to switch to
-  `qcs_jax.Recognizer(...).predict(image)` when it lands. max_faces: only the
-  largest ones are classified (bounds the model time of one photo).
+  `model`: a Recognizer (faces found and aligned exactly as qcs-predict does), or a
+  loaded checkpoint, for which one is built. detect=False: the photo is one face.
+  max_faces: only the largest ones are classified (bounds the model time of one photo).
   """
-  from qcs_jax import predict  # pylint: disable=import-outside-toplevel
-  from qcs_jax.apps import faces  # pylint: disable=import-outside-toplevel
+  rec = model if isinstance(model, Recognizer) else Recognizer(model, max_batch=BATCH)
   h, w = image.shape[:2]
-  if detect:
-    boxes = faces.detect_faces(image, min(min_face, h, w))[:max_faces]
-    crops = [faces.face_crop(image, b, margin) for b in boxes]
-  else:
-    boxes, crops = [faces.Box(0, 0, w, h)], [image]
-  rows = [{"box": list(b.as_tuple())} for b in boxes]
-  clf = predict.BatchedClassifier(model, BATCH)
-  for crop, row in zip(crops, rows):
-    clf.add(crop, row)
-  clf.flush()
-  return rows
+  if not detect:
+    return [{"box": [0, 0, w, h], **row} for row in rec.predict_faces(image)]
+  if min(h, w) < rec.min_face:  # too small to hold a face: the page says "no face found"
+    return []
+  rgb, dets = rec.detect(image)   # largest first
+  dets = dets[:max_faces]
+  if not dets:
+    return []
+  probs = rec.classify([rec.crop(rgb, d) for d in dets])
+  return [{"box": list(d.box.as_tuple()), **rec.result(p)} for d, p in zip(dets, probs)]
 
 
 def load(checkpoint: str | None) -> tuple[Any, str]:
   """(loaded model, description) of --checkpoint or of the embedded demo model."""
-  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
   if checkpoint:
     return load_checkpoint(checkpoint), f"Model: {checkpoint}."
   if not (DEMO_MODEL / "model.json").is_file():
@@ -67,20 +65,18 @@ def load(checkpoint: str | None) -> tuple[Any, str]:
 
 def build_app(checkpoint: str | None, max_upload_mb: float = 10.0) -> Any:
   """The DemoApp of a checkpoint (None: the embedded model), compiled and ready."""
-  from qcs_jax.apps import webdemo  # pylint: disable=import-outside-toplevel
-  from qcs_jax.predict import class_names_of  # pylint: disable=import-outside-toplevel
   model, description = load(checkpoint)
-  size = int(model.model_cfg["img_size"])
-  np.asarray(model.logits(np.zeros((BATCH, size, size, 3), np.float32)))  # compile now
-  info = {"description": description, "class_names": class_names_of(model),
-          "img_size": size}
-  return webdemo.DemoApp(lambda image, detect: recognize(model, image, detect,
+  rec = Recognizer(model, max_batch=BATCH)
+  rec.warmup((1,))  # compile now: the first photo is answered at once
+  info = {"description": description, "class_names": rec.class_names,
+          "img_size": rec.img_size}
+  return webdemo.DemoApp(lambda image, detect: recognize(rec, image, detect,
                                                         max_faces=webdemo.MAX_FACES), info,
                          max_bytes=int(max_upload_mb * 1024 * 1024))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m qcs_jax.demo",
+  ap = argparse.ArgumentParser(prog="qcs-demo",
                                description=__doc__.split("\n\n")[0])
   ap.add_argument("--checkpoint", help="checkpoint dir or training workdir (default: the "
                                        "embedded demo model)")
@@ -93,8 +89,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  from qcs_jax.apps import webdemo  # pylint: disable=import-outside-toplevel
-  from qcs_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   if not args.max_upload_mb > 0:
     print(f"error: --max_upload_mb must be > 0, got {args.max_upload_mb}", file=sys.stderr)
     return 2

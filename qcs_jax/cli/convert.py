@@ -4,9 +4,9 @@
   # full QCS/DCS checkpoint) -> a training init (config.init.backbone):
   qcs-convert --input ir50.pth --output runs/ir50
   # a whole authors' QCS / DCS training checkpoint -> a full model:
-  qcs-convert --full --input rafdb_qcs.pth --output runs/qcs_rafdb
-  qcs-convert --full --input ferplus.pth --config configs/ferplus_qcs.py \
-      --output runs/qcs_ferplus --verify
+  qcs-convert --full --input rafdb_qcs.pth --output runs/rafdb_qcs
+  qcs-convert --full --input ferplus.pth --config configs/ferplus.py \
+      --output runs/ferplus_qcs --verify
 
 Without --config the model config is the paper's (backbone) or read off the
 checkpoint's shapes (--full); flags override single fields. --verify runs the
@@ -15,15 +15,15 @@ PyTorch reference of qcs_jax/interop/reference.py (needs torch) on one random ba
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 from typing import Any, Sequence
 
 import numpy as np
 
-from qcs_jax import checkpoint, zoo
+from qcs_jax import recipes, zoo
 from qcs_jax.interop import converter as convert, verify
+from qcs_jax.model_files import model_dir as checkpoint
 
 _INT_FIELDS = ('num_classes', 'img_size', 'embed_dim', 'num_heads',
                'base_depth', 'cross_depth')
@@ -34,7 +34,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='qcs-convert', description=__doc__.split('\n')[0])
   p.add_argument('--input', help='PyTorch .pth file')
   p.add_argument('--output', help='checkpoint directory to write')
   p.add_argument('--full', action='store_true',
@@ -70,12 +70,10 @@ def load_config_file(path: str) -> Any:
   """The config of a configs/*.py file with get_config()."""
   if not pathlib.Path(path).is_file():
     raise convert.ConversionError(f'--config {path}: no such file')
-  spec = importlib.util.spec_from_file_location('_qcs_config', path)
-  if spec is None or spec.loader is None:
-    raise convert.ConversionError(f'{path}: cannot import as a config file')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    return recipes.load_config_file(path)
+  except (ValueError, OSError, ImportError, SyntaxError, AttributeError) as e:
+    raise convert.ConversionError(f'--config {path}: {e}') from e
 
 
 def _plain(model_cfg: Any) -> dict[str, Any]:

@@ -23,13 +23,16 @@ import platform
 import tempfile
 from typing import Any, Callable
 
+import jax
+import jaxlib
 import numpy as np
+from jax import export
+from jax.experimental import serialize_executable as se
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 
 def program_key(model_cfg: dict, variables: Any, batch: int, img_size: int) -> str:
   """A hex digest of all that determines the exported inference program."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
   leaves, tree = jax.tree.flatten(variables)
   sig = {
       "cfg": json.loads(json.dumps(dict(model_cfg), default=str, sort_keys=True)),
@@ -47,8 +50,6 @@ def exported_infer(module: Any, variables: Any, model_cfg: dict, batch: int, img
                    directory: str) -> Callable[[Any, Any], Any]:
   """jit(f)(variables, x (batch, S, S, 3) float32) -> logits, f = module's inference path,
   loaded from DIR/infer-<key>.jaxexport or traced and saved there first."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax import export  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, f"infer-{program_key(model_cfg, variables, batch, img_size)}"
                       ".jaxexport")
   exp = None
@@ -72,7 +73,6 @@ _MAGIC = b"qcs_jax.executable/1\n"
 
 def machine_signature() -> dict:
   """What a compiled CPU executable depends on beyond the program: instruction set, flags."""
-  import jax  # pylint: disable=import-outside-toplevel
   flags = ""
   try:
     with open("/proc/cpuinfo") as f:
@@ -108,8 +108,6 @@ def _executable_file(loaded: Any, batch: int, img_size: int, directory: str) -> 
 
 def load_compiled(loaded: Any, batch: int, img_size: int, directory: str) -> Any | None:
   """The saved executable compiled_infer would use, or None if there is no good one."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental import serialize_executable as se  # pylint: disable=import-outside-toplevel
   # The argument and result structures: rebuilt here, so the file is only bytes.
   in_tree = jax.tree.structure(((loaded.variables, 0), {}))
   out_tree = jax.tree.structure(0)
@@ -140,7 +138,6 @@ class _FirstRunChecked:
   def __call__(self, variables: Any, x: Any) -> Any:
     if self.checked:
       return self.compiled(variables, x)
-    import jax  # pylint: disable=import-outside-toplevel
     try:
       out = jax.block_until_ready(self.compiled(variables, x))
     except jax.errors.JaxRuntimeError:
@@ -158,8 +155,6 @@ def _compile_uncached(lowered: Any) -> Any | None:
   """lowered.compile() by XLA itself: not from JAX's persistent cache (off meanwhile), nor
   its in-memory one (a default-valued option changes the key, not the program); None on
   failure."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=import-outside-toplevel
   was = jax.config.jax_enable_compilation_cache
   try:
     cc.reset_cache()  # JAX decides once per process whether its cache is used
@@ -181,7 +176,6 @@ def compiled_infer(loaded: Any, batch: int, img_size: int,
   replaced, never loaded. Like JAX's own compilation cache (and Python's
   __pycache__), the folder must be the user's own: an executable runs as code.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   found = load_compiled(loaded, batch, img_size, directory)
   if found is not None:
     return found
@@ -203,7 +197,6 @@ def compiled_infer(loaded: Any, batch: int, img_size: int,
     return lowered.compile()  # not saved: nothing guarantees the copy would run
   if (compiled.in_tree == jax.tree.structure(((variables, 0), {}))
       and compiled.out_tree == jax.tree.structure(0)):
-    from jax.experimental import serialize_executable as se  # pylint: disable=import-outside-toplevel
     try:
       payload, _, _ = se.serialize(compiled)
       _save_atomic(_executable_file(loaded, batch, img_size, directory),

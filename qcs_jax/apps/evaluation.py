@@ -1,9 +1,7 @@
 """Evaluates a checkpoint on a data split: accuracy, per-class metrics, confusion matrix.
 
-  python -m qcs_jax.evaluate --config configs/rafdb.py --checkpoint runs/rafdb \
-      [--split test] [--tta_flip] [--predictions_csv preds.csv] [--output eval/]
-
---checkpoint is a checkpoint directory (converted or exported: it holds
+The library half of `qcs-evaluate` (qcs_jax/cli/evaluate.py). The checkpoint
+is a checkpoint directory (converted or exported: it holds
 model.json) or a training workdir (its best/ checkpoint is used). The model is
 built from the checkpoint's own model config; --config supplies the data set
 (and is read from the workdir's config.json when omitted). Only the inference
@@ -23,47 +21,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from qcs_jax import checkpoint as ckpt_io
-from qcs_jax.training import metrics as metrics_lib
-from qcs_jax import runtime
+from qcs_jax.data import pipeline, sources
+from qcs_jax.model_files import model_dir
+from qcs_jax.model_files.locate import resolve_checkpoint, workdir_config
+from qcs_jax.training import metrics as metrics_lib, plots
 from qcs_jax.training import state as train_state, step as train_step
 
 # config.model fields that do not change the weights or the logits' meaning.
 _SHOW_BAD = 20  # bad images listed in the report
 _RUNTIME_FIELDS = ("dtype", "base_drop", "cross_drop", "base_proj_drop", "cross_proj_drop")
-
-
-def resolve_checkpoint(path: str) -> str:
-  """A checkpoint directory: `path` itself if it holds model.json, else path/best."""
-  path = os.path.expanduser(str(path))
-  if os.path.isfile(os.path.join(path, "model.json")):
-    return path
-  best = os.path.join(path, "best")
-  if os.path.isfile(os.path.join(best, "model.json")):
-    return best
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ckpt_io.CheckpointError(
-        f"{path} is a training workdir without a best/ model yet (one is written after the "
-        f"first evaluated epoch)")
-  ckpt_io.read_metadata(path)  # raises the checkpoint module's explanation
-  return path
-
-
-def load_checkpoint(path: str) -> ckpt_io.LoadedModel:
-  """load_model on a checkpoint directory or a training workdir (its best/)."""
-  return ckpt_io.load_model(resolve_checkpoint(path))
-
-
-def workdir_config(checkpoint: str) -> ml_collections.ConfigDict | None:
-  """The config.json a training run wrote next to (or above) its best/ checkpoint."""
-  path = resolve_checkpoint(checkpoint)
-  for d in (os.path.dirname(os.path.abspath(path)), os.path.abspath(path)):
-    f = os.path.join(d, "config.json")
-    if os.path.isfile(f):
-      with open(f) as fh:
-        return ml_collections.ConfigDict(json.load(fh))
-  return None
 
 
 def config_differences(cfg_model: Any, ckpt_model: dict) -> list[str]:
@@ -110,7 +78,6 @@ def make_tta_step(model, mesh):
 
 def _with_progress(batches, total: int, enabled: bool, desc: str) -> Iterator[dict]:
   """Yields the batches and advances a tqdm bar (images, with the rate) after each."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   with tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
             file=sys.stderr) as bar:
     for b in batches:
@@ -162,16 +129,13 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
     skipped file), warnings, and numpy arrays
     index, labels, preds, probs (not JSON-written).
   """
-  from qcs_jax.training import plots  # pylint: disable=import-outside-toplevel
-  from qcs_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
-
   ckpt_dir = resolve_checkpoint(checkpoint)
   if cfg is None:
     cfg = workdir_config(ckpt_dir)
     if cfg is None:
       raise ValueError(f"no --config given and no config.json beside {ckpt_dir}: pass the "
                        f"recipe that names the data set (e.g. --config configs/rafdb.py)")
-  loaded = ckpt_io.load_model(ckpt_dir)
+  loaded = model_dir.load_model(ckpt_dir)
   mcfg = loaded.model_cfg
   warnings = config_differences(cfg.get("model", {}), mcfg)
   split = split or cfg.data.get("test_split", "test")
@@ -255,50 +219,3 @@ def format_report(result: dict) -> str:
     if len(bad) > _SHOW_BAD:
       lines.append(f"  ... and {len(bad) - _SHOW_BAD} more")
   return "\n".join(lines)
-
-
-def run() -> None:
-  """absl entry point; flags are defined here so importing this module defines none."""
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  config = config_flags.DEFINE_config_file(
-      "config", None, "Recipe file naming the data set (configs/*.py); default: the "
-      "training workdir's config.json.", lock_config=True)
-  ckpt = flags.DEFINE_string("checkpoint", None, "Checkpoint dir or training workdir.")
-  split = flags.DEFINE_string("split", None, "Data split (default config.data.test_split).")
-  tta = flags.DEFINE_bool("tta_flip", False, "Average softmax of image and its mirror.")
-  preds_csv = flags.DEFINE_string("predictions_csv", None, "Write per-image predictions.")
-  output = flags.DEFINE_string("output", None, "Folder for confusion.png/json, metrics.json.")
-  bs = flags.DEFINE_integer("batch_size", None, "Global eval batch (default from config).")
-  progress = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-  flags.mark_flag_as_required("checkpoint")
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # no orbax/XLA INFO lines
-    runtime.enable_compilation_cache()  # QCS_JAX_CACHE_DIR=0 turns it off
-    try:
-      result = evaluate_checkpoint(
-          config.value, ckpt.value, split.value, tta.value, output.value, preds_csv.value,
-          bs.value, progress.value,
-          on_warning=lambda w: print(f"warning: {w}", file=sys.stderr, flush=True))
-    except (ValueError, OSError) as e:  # DataError, CheckpointError are ValueErrors
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(format_report(result))
-    if output.value:
-      print(f"wrote {os.path.join(output.value, 'confusion.png')}, confusion.json, "
-            f"metrics.json")
-    if preds_csv.value:
-      print(f"wrote {preds_csv.value}")
-
-  runtime.set_cpu_xla_defaults()
-  from qcs_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  app.run(main, flags_parser=config_lib.parse_flags_or_exit)
-
-
-if __name__ == "__main__":
-  run()

@@ -17,6 +17,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qcs_jax.models.backbone import nearest_indices
+from qcs_jax.models.qcs import tokens_per_level
 
 OPSET = 17
 INPUT, OUTPUT = "images", "logits"
@@ -35,13 +40,11 @@ class _Graph:
     return f"{hint}_{self._n}"
 
   def const(self, value: Any, hint: str, dtype: Any = np.float32) -> str:
-    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
     n = self.name(hint)
     self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), n))
     return n
 
   def op(self, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
-    from onnx import helper  # pylint: disable=import-outside-toplevel
     out = self.name(hint)
     self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
     return out
@@ -92,7 +95,6 @@ def _resize_nearest(g: _Graph, x: str, size_in: int, size_out: int) -> str:
     return _subsample(g, x, 2, "resize")
   if size_in == size_out:
     return x
-  from qcs_jax.models.backbone import nearest_indices  # pylint: disable=import-outside-toplevel
   idx = g.const(nearest_indices(size_in, size_out), "resize_idx", np.int64)
   return g.op("Gather", [g.op("Gather", [x, idx], "resize_h", axis=2), idx], "resize_w",
               axis=3)
@@ -190,9 +192,6 @@ def _vit(g: _Graph, tokens: str, p: Mapping, t: int, d: int, heads: int) -> str:
 def build_onnx(variables: Mapping[str, Any], model_cfg: Mapping[str, Any],
                metadata: Mapping[str, str] | None = None) -> Any:
   """The inference path of `model_cfg` with `variables` -> onnx.ModelProto (checked)."""
-  import onnx  # pylint: disable=import-outside-toplevel
-  from onnx import TensorProto, helper  # pylint: disable=import-outside-toplevel
-  from qcs_jax.models.qcs import tokens_per_level  # pylint: disable=import-outside-toplevel
   params, stats = variables["params"], variables["batch_stats"]
   size, d = int(model_cfg["img_size"]), int(model_cfg["embed_dim"])
   heads, k = int(model_cfg["num_heads"]), int(model_cfg["num_classes"])

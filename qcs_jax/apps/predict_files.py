@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from qcs_jax.apps import annotate, faces, images, media
+from qcs_jax.apps import annotate, faces, media, user_images as images
 from qcs_jax.apps.detectors import Detection
+from qcs_jax.apps.recognizer import Recognizer
 from qcs_jax.data.base import DataError
 from qcs_jax.data.video import VideoFrames
 
@@ -125,7 +126,6 @@ def predict_paths(paths: Sequence[str], model: Any, detect: bool = True, every: 
     None for photos), face (index in its picture, largest first), box [x, y, w,
     h], landmarks, detection_score, label, score, probabilities {class: p}.
   """
-  from qcs_jax.apps.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
   if every < 1:
     raise ValueError(f"--every must be >= 1, got {every}")
   if isinstance(model, Recognizer):
@@ -171,13 +171,6 @@ def predict_paths(paths: Sequence[str], model: Any, detect: bool = True, every: 
   return rows
 
 
-def class_names_of(loaded: Any) -> list[str]:
-  """The model's class names, or class_0.. when its checkpoint has none (or a wrong count)."""
-  k = int(loaded.model_cfg.get("num_classes", 7))
-  names = list(getattr(loaded, "class_names", None) or [])
-  return names if len(names) == k else [f"class_{i}" for i in range(k)]
-
-
 class BatchedClassifier:
   """Queues face crops and classifies them in batches (kept for callers of the old predict).
 
@@ -188,7 +181,6 @@ class BatchedClassifier:
 
   def __init__(self, loaded: Any, batch_size: int = 16,
                on_done: Callable[[list[dict]], None] | None = None):
-    from qcs_jax.apps.recognizer import Recognizer  # pylint: disable=import-outside-toplevel
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.rec = Recognizer(loaded, detector="haar", max_batch=batch_size)

@@ -7,16 +7,28 @@ DIR/model.onnx and DIR/export.json (preprocessing, classes, parity), and
 checks each artefact, reloaded from its file, against the JAX model on
 synthetic faces at batch 1 and 8: the max relative logits error,
 max |got - ref| / max |ref| over the batch, must stay <= the tolerance.
+
+ONNX and onnxruntime are optional dependencies (extra `export`): they are
+imported where an ONNX file is built or run, so the jax.export artefact
+needs neither.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax import export
+
+from qcs_jax.apps.recognizer import class_names_of
+from qcs_jax.data import synthetic, transforms
+from qcs_jax.model_files.model_dir import load_checkpoint
+from qcs_jax.models import build_model
 
 JAX_FILE, ONNX_FILE, META_FILE = "model.jax_export", "model.onnx", "export.json"
 FORMATS = ("jax", "onnx")
@@ -30,7 +42,6 @@ class ExportError(RuntimeError):
 
 def preprocessing(img_size: int) -> dict[str, Any]:
   """How a user in any language turns a face photo into the model input."""
-  from qcs_jax.data import transforms  # pylint: disable=import-outside-toplevel
   return {
       "input": "images", "output": "logits",
       "input_shape": ["batch", img_size, img_size, 3], "dtype": "float32",
@@ -47,7 +58,6 @@ def preprocessing(img_size: int) -> dict[str, Any]:
 
 
 def metadata(loaded: Any) -> dict[str, Any]:
-  from qcs_jax.predict import class_names_of  # pylint: disable=import-outside-toplevel
   cfg = dict(loaded.model_cfg)
   return {"format": "qcs_jax.export/1", "model": "QCS inference path (IR50 -> neck -> VIT_base)",
           "class_names": class_names_of(loaded), "preprocessing": preprocessing(
@@ -59,9 +69,6 @@ def float32_model(loaded: Any) -> Any:
   """`loaded` with float32 compute: the artefacts are float32 whatever the training dtype."""
   if loaded.model_cfg.get("dtype", "float32") == "float32":
     return loaded
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
   cfg = dict(loaded.model_cfg, dtype="float32")
   model = build_model(cfg)
   return dataclasses.replace(loaded, module=model, model_cfg=cfg, _infer=jax.jit(
@@ -70,7 +77,6 @@ def float32_model(loaded: Any) -> Any:
 
 def sample_faces(img_size: int, n: int, seed: int = 0) -> np.ndarray:
   """n synthetic faces (all expressions) through the eval transform: (n, S, S, 3) float32."""
-  from qcs_jax.data import synthetic, transforms  # pylint: disable=import-outside-toplevel
   tf = transforms.build_transform(None, img_size, train=False)
   out = np.zeros((n, img_size, img_size, 3), np.float32)
   for i in range(n):
@@ -91,8 +97,6 @@ def relative_error(got: Any, ref: Any) -> float:
 
 def export_jax(loaded: Any) -> bytes:
   """Serialized jax.export of images -> logits, weights embedded, symbolic batch `b`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax import export  # pylint: disable=import-outside-toplevel
   size = int(loaded.model_cfg["img_size"])
   model, variables = loaded.model, loaded.variables
   fn = jax.jit(lambda x: model.apply(variables, x, method="infer"))
@@ -104,13 +108,12 @@ def export_jax(loaded: Any) -> bytes:
 
 def load_jax_runner(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
   """The file written by export_jax as a function, without the model code."""
-  from jax import export  # pylint: disable=import-outside-toplevel
   exp = export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
   return lambda x: np.asarray(exp.call(np.asarray(x, np.float32)))
 
 
 def export_onnx(loaded: Any, meta: Mapping[str, Any]) -> bytes:
-  from qcs_jax.interop import onnx_graph  # pylint: disable=import-outside-toplevel
+  from qcs_jax.export import onnx_graph  # pylint: disable=import-outside-toplevel
   props = {"qcs_jax.export": json.dumps(meta)}
   for k, v in meta["preprocessing"].items():
     props[f"preprocessing.{k}"] = v if isinstance(v, str) else json.dumps(v)
@@ -159,7 +162,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, formats: Sequence[str] = FO
   A failed parity check removes the artefact it wrote, nothing else in out_dir
   is touched, and existing artefacts are kept unless `force`.
   """
-  from qcs_jax.evaluate import load_checkpoint  # pylint: disable=import-outside-toplevel
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise ExportError(f"formats must be some of {FORMATS}, got {list(formats)}")

@@ -6,7 +6,12 @@ Layout of a checkpoint directory DIR:
                     fields), 'class_names' (optional), 'extra' (free metadata)}
 
 `load_model(DIR).logits(images)` is the documented Python entry point that
-evaluation and prediction use.
+evaluation and prediction use; `load_checkpoint` also takes a training workdir.
+
+Two imports wait until they are needed, for start-up time: orbax (~0.5-1 s of
+imports; weights_cache reads the usual files without it) and the Flax model
+and its shapes (a predictor that runs a saved compiled program never builds
+them; see apps/compiled_programs.py).
 """
 from __future__ import annotations
 
@@ -23,15 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qcs_jax import fast_read
-
-FORMAT = 'qcs_jax.variables/1'
-_TUPLE_FIELDS = ('stage_channels', 'stage_units')
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that is missing, incomplete or does not fit."""
-
+from qcs_jax.model_files import weights_cache
+from qcs_jax.model_files.locate import (FORMAT, CheckpointError, read_metadata,
+                                        resolve_checkpoint)
 
 def _plain_cfg(model_cfg: Any) -> dict[str, Any]:
   cfg = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
@@ -86,7 +85,7 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any],
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private
   try:
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  # see top
     ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only(ocp))
     ckptr.save(tmp / 'variables', host)
     ckptr.wait_until_finished()
@@ -104,35 +103,12 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any],
   return directory
 
 
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  """DIR/model.json, checked; model config tuples restored."""
-  directory = pathlib.Path(directory)
-  if not directory.is_dir():
-    raise CheckpointError(f'{directory}: no such checkpoint directory')
-  meta_path = directory / 'model.json'
-  if not meta_path.is_file():
-    raise CheckpointError(
-        f'{directory}: not a qcs_jax checkpoint (no model.json); convert '
-        'PyTorch files with tools/convert_ir50.py')
-  try:
-    meta = json.loads(meta_path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f'{meta_path}: unreadable JSON ({e})') from e
-  if meta.get('format') != FORMAT or not isinstance(meta.get('model'), dict):
-    raise CheckpointError(
-        f'{meta_path}: format {meta.get("format")!r}, expected {FORMAT!r}')
-  for k in _TUPLE_FIELDS:
-    if k in meta['model']:
-      meta['model'][k] = tuple(int(x) for x in meta['model'][k])
-  if not (directory / 'variables').is_dir():
-    raise CheckpointError(f'{directory}: incomplete checkpoint (no variables/)')
-  return meta
 
 
 def _check_shapes(variables: Mapping[str, Any], model_cfg: dict[str, Any],
                   kind: str, where: str) -> None:
   """Every leaf present with the shape `build_model(model_cfg)` creates."""
-  from qcs_jax.models import shapes  # pylint: disable=import-outside-toplevel
+  from qcs_jax.models import shapes  # pylint: disable=import-outside-toplevel  # see top
   expected = shapes.expected_shapes(model_cfg)
   if kind == 'backbone':
     expected = {p: s for p, s in expected.items() if p[1] == 'ir_back'}
@@ -163,14 +139,14 @@ def load_variables(directory: str | os.PathLike, check_shapes: bool = True,
   The variables are checked against the model config saved with them
   (check_shapes=False skips that: it traces the whole model, ~1 s at paper
   size; check_variables() does it later, e.g. when the model fails to run).
-  arrays: DIR/variables already read by fast_read (e.g. in a thread while JAX
+  arrays: DIR/variables already read by weights_cache (e.g. in a thread while JAX
   was imported); None reads them here.
   """
   meta = read_metadata(directory)
   path = pathlib.Path(directory).absolute() / 'variables'
-  variables = arrays if arrays is not None else fast_read.read_arrays(path)
+  variables = arrays if arrays is not None else weights_cache.read_arrays(path)
   if variables is None:
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  # see top
     try:
       variables = ocp.StandardCheckpointer().restore(path)
     except Exception as e:  # pylint: disable=broad-except
@@ -193,7 +169,7 @@ class LoadedModel:
   """A restored model ready for inference: `logits(images) -> (B, K)`.
 
   The Flax module (`model`) and its jitted inference path are built on first
-  use, so a caller that runs a cached compiled program (apps/programs.py) never
+  use, so a caller that runs a cached compiled program (apps/compiled_programs.py) never
   imports Flax or traces the network.
   """
   module: Any
@@ -207,7 +183,7 @@ class LoadedModel:
   def model(self) -> Any:
     """The Flax module (built from model_cfg when first asked for)."""
     if self.module is None:
-      from qcs_jax import models  # pylint: disable=import-outside-toplevel
+      from qcs_jax import models  # pylint: disable=import-outside-toplevel  # see top
       self.module = models.build_model(self.model_cfg)
     return self.module
 
@@ -237,3 +213,8 @@ def load_model(directory: str | os.PathLike, check_shapes: bool = True,
   variables, model_cfg = load_variables(directory, check_shapes, arrays)
   return LoadedModel(module=None, variables=jax.device_put(variables), model_cfg=model_cfg,
                      class_names=meta.get('class_names'), metadata=meta)
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+  """load_model on a checkpoint directory or a training workdir (its best/)."""
+  return load_model(resolve_checkpoint(path))

@@ -1,0 +1,1 @@
+"""The command-line programs (the console scripts qcs-*), above the library they use."""

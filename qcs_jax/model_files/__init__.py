@@ -1,0 +1,1 @@
+"""Saved models on disk: the model folder (variables/ + model.json), finding one, reading it fast."""

@@ -339,7 +339,13 @@ def test_options_are_checked(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="augment_on"):
     P.train_batches(src, _cfg(tmp_path, augment_on="gpu"), SIZE, 1, seed=0, epoch=0)
   cfg = config_lib.base_config()
-  assert cfg.data.augment_on == "host"
+  assert cfg.data.augment_on == "auto"
+  assert P.resolve_augment_on("auto", "cpu") == "host"      # CPU: the host path, as before
+  assert P.resolve_augment_on("auto", "cuda") == "device"
+  assert P.resolve_augment_on("auto", "tpu") == "device"
+  assert P.resolve_augment_on("auto") == "host"             # this test runs on CPU
+  assert P.resolve_augment_on("host", "cuda") == "host"
+  assert P.resolve_augment_on("device", "cpu") == "device"
   cfg.data.augment_on = "tpu"
   with pytest.raises(checks.ConfigError, match="data.augment_on='tpu'"):
     checks.check_config(cfg)

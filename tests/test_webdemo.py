@@ -152,11 +152,18 @@ def test_recognize_adapter_matches_predict(tmp_path, monkeypatch):
     assert rows[0]["probabilities"][c] == pytest.approx(want[0]["probabilities"][c], abs=1e-6)
   whole = demo.recognize(loaded, photo, detect=False)
   assert [r["box"] for r in whole] == [[0, 0, 512, 512]]
-  from qcs_jax.apps import faces  # a photo of 40 faces: only the 3 largest reach the model
-  many = [faces.Box(10 * k, 0, 200 - k, 200 - k) for k in range(40)]
-  monkeypatch.setattr(faces, "detect_faces", lambda image, min_face: list(many))
-  assert [r["box"] for r in demo.recognize(loaded, photo, max_faces=3)] == [
-      list(b.as_tuple()) for b in many[:3]]
+  from qcs_jax import Recognizer
+  from qcs_jax.apps import detectors, faces
+  # A photo of 40 faces (largest first, as detectors give them): only the 3 largest
+  # reach the model.
+  many = [detectors.Detection(faces.Box(10 * k, 0, 200 - k, 200 - k)) for k in range(40)]
+  rec = Recognizer(loaded, detector=lambda image: list(many))
+  seen = []
+  classify = rec.classify
+  monkeypatch.setattr(rec, "classify", lambda crops: seen.append(len(crops)) or classify(crops))
+  assert [r["box"] for r in demo.recognize(rec, photo, max_faces=3)] == [
+      list(d.box.as_tuple()) for d in many[:3]]
+  assert seen == [3]
 
 
 def test_demo_cli_refuses_a_missing_checkpoint(tmp_path, capsys):

@@ -161,7 +161,11 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
   step = (make_tta_step(loaded.model, mesh) if tta_flip
           else train_step.make_eval_step(loaded.model, mesh))
   try:
-    batches = pipeline.eval_batches(src, cfg.data, img_size, bs)
+    # Host preprocessing (resize, centre crop, normalise): an evaluation reads each image
+    # once, so an image cache would cost more than it saves.
+    data_cfg = dict(cfg.data.to_dict() if hasattr(cfg.data, "to_dict") else cfg.data,
+                    augment_on="host")
+    batches = pipeline.eval_batches(src, data_cfg, img_size, bs)
   except ValueError as e:
     raise ValueError(f"config.data.augment does not fit the checkpoint's img_size "
                      f"{img_size}: {e}") from e

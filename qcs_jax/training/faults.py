@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-TIMING_FIELDS = ("images_per_sec",)
+TIMING_FIELDS = ("images_per_sec", "input_wait")
 
 
 def _cmd(config: str, workdir: str, overrides: Sequence[str]) -> list[str]:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from qcs_jax import runtime
 from qcs_jax.data import pipeline, sources
+from qcs_jax.data.transforms import Augment
 from qcs_jax.model_files import model_dir
 from qcs_jax.models import build_model
 from qcs_jax.models.qcs import NUM_BRANCHES
@@ -94,6 +95,7 @@ class _Run:
   # Bad training images replaced so far; kept in the checkpoint's meta so a resumed run
   # counts the same events as an uninterrupted one (the replayed steps recount theirs).
   skipped_before: int
+  device_augment: bool = False  # uint8 batches, augmented in the step
   trimmed: bool = False  # the compiler's freed memory was given back after the first step
 
   @property
@@ -165,10 +167,16 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
       train_src, cfg.data, cfg.model.img_size, nb, cfg.train.seed, meta["epoch"],
       start_step=meta["step_in_epoch"], num_epochs=max(cfg.train.epochs - meta["epoch"], 1),
       part=part)
+  # data.augment_on='device': uint8 batches from the image cache, augmented in the step.
+  device = pipeline.resolve_augment_on(cfg.data.get("augment_on", "auto")) == "device"
+  augment = Augment.from_cfg(cfg.data.augment) if device else None
+  say(f"augmentation on the {'device' if device else 'host'} "
+      f"(data.augment_on={cfg.data.get('augment_on', 'auto')!r})", flush=True)
   return _Run(cfg=cfg, workdir=workdir, mesh=mesh, writer=writer, say=say, steps=steps,
               eval_bs=eval_bs, train_src=train_src, test_src=test_src, state=state, meta=meta,
               mngr=mngr, metrics_log=metrics_log,
-              train_step=make_train_step(model, tx, mesh), eval_step=make_eval_step(model, mesh),
+              train_step=make_train_step(model, tx, mesh, augment, cfg.model.img_size),
+              eval_step=make_eval_step(model, mesh, uint8=device), device_augment=device,
               batches=batches, skipped_before=int(meta.get("train_skipped", 0)))
 
 
@@ -182,9 +190,15 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
   bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
              unit="step", disable=not (cfg.train.progress and run.writer), dynamic_ncols=True)
   pending, t0, done, in_flight = [], time.perf_counter(), 0, collections.deque()
-  for i, batch in zip(range(start, steps), batches):
-    state, m = train_step(state, shard_batch(batch["image"], mesh),
-                          shard_batch(batch["label"], mesh))
+  waited = 0.0  # seconds this epoch's loop waited for the input pipeline
+  for i in range(start, steps):
+    w0 = time.perf_counter()
+    batch = next(batches, None)
+    waited += time.perf_counter() - w0
+    if batch is None:
+      break
+    keys = ("image", "label", "epoch", "position") if run.device_augment else ("image", "label")
+    state, m = train_step(state, *(shard_batch(batch[k], mesh) for k in keys))
     run.state = state
     if not run.trimmed:  # the step is compiled: the compiler's freed memory goes back
       runtime.release_free_memory()
@@ -202,11 +216,12 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
     if gstep % cfg.train.log_every == 0 or last:
       _check_finite(pending, epoch, run.mngr)
       m = jax.device_get(m)
-      rate = done * images_per_step / (time.perf_counter() - t0)
+      elapsed = time.perf_counter() - t0
+      rate = done * images_per_step / elapsed
       row = {"kind": "train", "step": gstep, "epoch": epoch, "loss": float(m["loss"]),
              "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
              "lr": float(optim.current_lr(cfg.optim, steps, epoch * steps + i)),
-             "images_per_sec": rate}
+             "images_per_sec": rate, "input_wait": waited / elapsed}
       run.metrics_log.write(row)
       _advance(bar, i + 1)
       bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")

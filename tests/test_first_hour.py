@@ -3,9 +3,9 @@
 One wheel is built and installed into a fresh venv (`--no-deps`: its dependencies
 are this test venv's, made visible by a .pth file; the imported qcs_jax is proved to
 be the wheel's). From an empty temporary folder it then builds every recipe, runs
-`qcs-convert --zoo`, `qcs-claim --quick`, every program's --help, and the README's
-command blocks in order as written (those whose first line is not `# needs: ...`),
-the README's tour training the demo recipe.
+`qcs-convert --zoo`, every program's --help, and the README's command blocks in
+order as written (those whose first line is not `# needs: ...`): the README's tour
+trains the demo recipe, and its claim block runs `qcs-claim --quick`.
 """
 from __future__ import annotations
 
@@ -114,16 +114,11 @@ def test_every_recipe_and_the_zoo_build_from_the_wheel(wheel_env, tmp_path):
   assert "the recipe of configs/rafdb.py" in out and "class names (--zoo rafdb_qcs)" in out, out
 
 
-def test_claim_quick_runs_from_the_wheel(wheel_env):
-  env, cwd, _ = wheel_env
-  _run(["qcs-claim", "--quick", "--out", "claim_quick"], env, cwd)
-  assert (cwd / "claim_quick" / "results.jsonl").is_file()
-
-
 def test_readme_command_blocks_run_in_order(wheel_env):
   env, cwd, _ = wheel_env
   blocks = readme_blocks()
-  assert any("qcs-train" in b for b in blocks) and len(blocks) >= 4
+  assert any("qcs-train" in b for b in blocks) and any("qcs-claim --" in b for b in blocks)
   for block in blocks:
     _run("set -euo pipefail\n" + block, env, cwd, shell=True)
   assert (cwd / "runs" / "tour" / "best" / "model.json").is_file()  # the demo recipe trained
+  assert (cwd / "runs" / "claim_quick" / "results.jsonl").is_file()  # qcs-claim --quick ran

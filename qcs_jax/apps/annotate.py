@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import cv2
 import numpy as np
 
 
@@ -40,7 +41,6 @@ class Annotator:
 
 def draw_annotations(image: np.ndarray, rows: list[dict], path: str) -> str:
   """Saves image with each row's box and 'label score' drawn on it (cv2)."""
-  import cv2  # pylint: disable=import-outside-toplevel
   img = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
   h, w = img.shape[:2]
   thick = max(1, round(min(h, w) / 300))

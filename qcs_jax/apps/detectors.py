@@ -22,8 +22,10 @@ import functools
 import importlib.util
 import os
 import threading
+import warnings
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from qcs_jax.apps import faces
@@ -135,7 +137,6 @@ def weighted_nms(scores: np.ndarray, boxes: np.ndarray, kps: np.ndarray,
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, int, int]:
   """Centres `image` in a black size x size square; returns (square, scale, pad_x, pad_y)."""
-  import cv2  # pylint: disable=import-outside-toplevel
   h, w = image.shape[:2]
   scale = size / max(h, w)
   nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
@@ -175,7 +176,6 @@ class BlazeFace:
   def __init__(self, variant: str = "blazeface", min_face: int = 40,
                score_threshold: float = 0.5, iou_threshold: float = 0.3,
                path: str | None = None, tiles: int = 0):
-    import cv2  # pylint: disable=import-outside-toplevel
     if variant not in VARIANTS:
       raise ValueError(f"unknown BlazeFace variant {variant!r}; known: {sorted(VARIANTS)}")
     path = path or model_path(variant)
@@ -269,7 +269,6 @@ Detector = Callable[[np.ndarray], list]
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(reason: str) -> None:
-  import warnings  # pylint: disable=import-outside-toplevel
   warnings.warn(f"face detector: using OpenCV's Haar cascade ({reason})", stacklevel=3)
 
 

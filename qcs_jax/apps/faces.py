@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 
+import cv2
 import numpy as np
 
 CASCADE = "haarcascade_frontalface_default.xml"
@@ -31,7 +32,6 @@ class Box:
 
 @functools.lru_cache(maxsize=None)
 def _cascade(path: str):
-  import cv2  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise FileNotFoundError(f"face detector model {path} not found (opencv-python(-headless) "
                             f"ships it under cv2.data.haarcascades)")
@@ -42,7 +42,6 @@ def _cascade(path: str):
 
 
 def cascade_path() -> str:
-  import cv2  # pylint: disable=import-outside-toplevel
   return os.path.join(cv2.data.haarcascades, CASCADE)
 
 
@@ -52,7 +51,6 @@ def detect_faces(image: np.ndarray, min_face: int = 40, scale_factor: float = 1.
 
   min_face: the smallest face side in pixels that is searched for.
   """
-  import cv2  # pylint: disable=import-outside-toplevel
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"detect_faces expects a uint8 image, got {image.dtype}")
@@ -127,7 +125,6 @@ def aligned_crop(image: np.ndarray, right_eye: tuple[float, float],
   at most max_side and at least 16 px, so the model's resize to img_size
   (PIL bilinear with antialiasing, as in training) does the scaling.
   """
-  import cv2  # pylint: disable=import-outside-toplevel
   dist = float(np.hypot(*(np.asarray(left_eye, float) - np.asarray(right_eye, float))))
   side = int(np.clip(round(dist / ALIGN_EYE_DISTANCE), 16, max_side))
   m = eye_alignment(right_eye, left_eye, side)

@@ -18,8 +18,8 @@ runtime.enable_compilation_cache) makes a fresh process load them from disk.
 
 The modules that import JAX (the model folder's loader, the compiled
 programs) are imported by `_jax_side()` after `load` has started reading the
-weights in a thread, so the read overlaps JAX's import (~1 s of a warm
-`qcs-predict`; docs/BENCHMARKS.md).
+weights in a thread, so the read overlaps JAX's import (measured in
+docs/BENCHMARKS.md, "Prediction start-up").
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ class Recognizer:
     arrays = weights_cache.start(directory, runtime.cache_dir_for(cache))
     model_dir, compiled_programs = _jax_side()
     cache_dir = runtime.enable_compilation_cache(cache)
-    # The shape check traces the whole model (~1 s at paper size): it runs only
+    # The shape check traces the whole model (a second at paper size): it runs only
     # if the model fails to run (classify_prepared), to explain why.
     loaded = model_dir.load_model(directory, check_shapes=False, arrays=arrays.result())
     pending = None

@@ -17,8 +17,10 @@ import os
 from typing import Any
 
 import numpy as np
+from PIL import ImageOps
 
-from qcs_jax.data.base import DataError
+from qcs_jax.data import images as data_images
+from qcs_jax.data.errors import DataError
 
 
 class ImageError(DataError):
@@ -34,7 +36,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
   Decoded by qcs_jax.data.images (the one hardened decoder: pixel limit before
   decoding, CMYK, 16-bit, alpha onto white); raises ImageError naming the file.
   """
-  from qcs_jax.data import images as data_images  # pylint: disable=import-outside-toplevel
   try:
     return data_images.decode_rgb(os.fspath(path), exif_transpose=True)
   except DataError as e:
@@ -43,8 +44,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def pil_to_rgb(im: Any, where: str = "PIL image") -> np.ndarray:
   """A PIL image -> uint8 RGB (H, W, 3): EXIF-upright, then data.images.to_rgb's rules."""
-  from PIL import ImageOps  # pylint: disable=import-outside-toplevel
-  from qcs_jax.data import images as data_images  # pylint: disable=import-outside-toplevel
   try:
     im = ImageOps.exif_transpose(im)
   except Exception:  # pylint: disable=broad-except  # a broken EXIF block: as stored

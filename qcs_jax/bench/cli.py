@@ -32,6 +32,8 @@ numbers: compile time, FLOPs (`compiled.cost_analysis()`), buffer sizes
 (`compiled.memory_analysis()`), device peak memory (`memory_stats()`, GPU) and, on a
 GPU, achieved FLOP/s and MFU against the chip's dense peak.
 """
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import argparse

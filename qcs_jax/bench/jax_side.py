@@ -1,4 +1,6 @@
 """The qcs_jax contender: the library's jitted train step and inference path."""
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import time

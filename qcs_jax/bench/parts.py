@@ -1,4 +1,6 @@
 """Forward+backward time of each model part alone, both frameworks, same shapes."""
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import collections

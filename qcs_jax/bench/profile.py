@@ -1,4 +1,6 @@
 """XLA thunk times of traced JAX steps, by model part, direction and op kind."""
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import collections

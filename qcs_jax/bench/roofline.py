@@ -1,4 +1,6 @@
 """The machine's attainable float32 GEMM rate in both frameworks."""
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,7 @@
 """The PyTorch contender: qcs_jax.interop.reference (the authors' network) with SAM
 and Adam written out."""
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import platform

@@ -1,5 +1,7 @@
 """What both frameworks' benchmark sides share: the model config, the batch,
 the weights file, and timing/memory sampling of one step."""
+# Imports wait inside the functions that need them: a benchmark worker process imports
+# only its own framework's side, whose memory and start-up it measures.
 from __future__ import annotations
 
 import hashlib

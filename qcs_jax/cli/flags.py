@@ -7,11 +7,14 @@ Flag and config-override mistakes become one `error:` line and exit 2.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable
 
 from absl import flags
+
+from qcs_jax import recipes
 
 HELP_ARGS = ("-h", "--help", "-help", "--helpshort")
 
@@ -30,7 +33,7 @@ def absl_parser(prog: str, doc: str, module: str) -> Callable[[list[str]], list[
     if any(a in HELP_ARGS for a in argv[1:]):
       sys.stdout.write(help_text(prog, doc, module))
       sys.exit(0)
-    return parse_flags_or_exit(argv)
+    return parse_flags_or_exit(packaged_configs(argv))
 
   return parse
 
@@ -48,6 +51,29 @@ def _unknown_key(err: Exception, argv: list[str]) -> str:
         name = f"{path!r} (in {arg})"
         break
   return f"unknown config key {name}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
+
+
+def _packaged(value: str) -> str:
+  path, colon, arg = value.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  if os.path.exists(path) or os.path.dirname(path) not in ("configs", "./configs") or (
+      name not in recipes.RECIPES):
+    return value
+  return recipes.recipe_file(name) + colon + arg
+
+
+def packaged_configs(argv: list[str]) -> list[str]:
+  """`--config configs/<recipe>.py[:arg]` where no such file is here (an installed
+  package, run outside a checkout) -> the packaged recipe's own file, which
+  configs/<recipe>.py would import: the README's commands work from any folder."""
+  out = list(argv[:1])
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      a = "--config=" + _packaged(a[len("--config="):])
+    elif i > 1 and argv[i - 1] == "--config":
+      a = _packaged(a)
+    out.append(a)
+  return out
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

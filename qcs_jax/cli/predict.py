@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     throughput.print_benchmark(args.checkpoint, sizes, args.benchmark_seconds)
     return 0
   # Nothing here may import JAX before Recognizer.load: it starts reading the
-  # weights in a thread first, so the read overlaps JAX's import (~1 s).
+  # weights in a thread first, so the read overlaps JAX's import (docs/BENCHMARKS.md).
   try:
     rec = Recognizer.load(args.checkpoint, cache=args.cache,
                           detector=args.detector if args.detect else "haar",
@@ -168,7 +168,7 @@ def run() -> None:
   runtime.set_cpu_xla_defaults()
   code = main()
   # Every result is written and closed by now: leave without Python's and XLA's
-  # teardown (freeing the weights, the runtime's thread pools: ~0.5 s at paper size).
+  # teardown (freeing the weights, the runtime's thread pools; docs/BENCHMARKS.md).
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)

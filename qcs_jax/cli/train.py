@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from qcs_jax import runtime
 from qcs_jax.cli.flags import absl_parser
+from qcs_jax import recipes
 from qcs_jax.recipes import checks
 from qcs_jax.training import distributed, loop
 
@@ -29,9 +30,9 @@ flags.mark_flags_as_required(["config"])
 
 
 def default_workdir(config_arg: str) -> str:
-  """'configs/synthetic.py:dcs' -> 'runs/synthetic_dcs'."""
+  """'configs/synthetic.py:dcs' -> 'runs/synthetic_dcs' (also for the packaged recipe file)."""
   path, _, arg = config_arg.partition(":")
-  name = os.path.splitext(os.path.basename(path))[0]
+  name = recipes.name_of(path)
   return os.path.join("runs", f"{name}_{arg}" if arg else name)
 
 

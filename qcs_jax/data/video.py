@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+import cv2
 import numpy as np
 
 from qcs_jax.data.base import DataError
@@ -38,7 +39,6 @@ class VideoFrames:
 
   def __iter__(self) -> Iterator[tuple[int, float | None, np.ndarray]]:
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # no per-packet ffmpeg noise
-    import cv2  # pylint: disable=import-outside-toplevel
     if not os.path.isfile(self.path):
       raise DataError(f"{self.path}: no such video file")
     if os.path.getsize(self.path) == 0:

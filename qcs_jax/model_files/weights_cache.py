@@ -10,6 +10,8 @@ cache folder (`qcs_jax_weights/<key>.npw`, keyed by the checkpoint's path and
 its files' sizes and times) and maps it on later loads: decompressing the
 weights took 0.6-0.8 CPU-s of a ~2.5 s warm start on a 2-core machine, mapping
 them takes milliseconds (JAX's CPU backend uses the mapped pages in place).
+tensorstore is imported by `read_arrays`, in that thread, so that its import
+overlaps JAX's too.
 """
 from __future__ import annotations
 
@@ -24,14 +26,19 @@ from typing import Any
 
 import numpy as np
 
+from qcs_jax.model_files.locate import CheckpointError
+
 
 def read_arrays(path: str | os.PathLike) -> dict[str, Any] | None:
   """The arrays of an orbax StandardCheckpointer folder, read with tensorstore alone.
 
   Importing orbax costs ~0.5-1 s, a third of a warm `predict`; the layout
   save_variables writes (OCDBT, zarr v2, a tree of dict keys, numpy leaves) is
-  simple enough to read directly. None for any other layout or on any error:
-  the caller then restores through orbax, which also explains failures.
+  simple enough to read directly. None for any other layout (the caller then
+  restores through orbax). A file of this layout that cannot be read (truncated,
+  missing) raises CheckpointError here: orbax, given it, would leave its reads'
+  callbacks to run on a closed event loop (two 'Event loop is closed' tracebacks
+  after the error line).
   """
   path = pathlib.Path(path).absolute()
   try:
@@ -50,12 +57,15 @@ def read_arrays(path: str | os.PathLike) -> dict[str, Any] | None:
     opened = [ts.open({'driver': 'zarr', 'kvstore': dict(base, path='.'.join(k) + '/')},
                       open=True, read=True, context=ctx) for k in keys]
     reads = [o.result().read() for o in opened]
-    out: dict[str, Any] = {}
-    for k, r in zip(keys, reads):
-      _nest(out, k, np.asarray(r.result()))
-    return out
   except Exception:  # pylint: disable=broad-except
     return None
+  out: dict[str, Any] = {}
+  for k, r in zip(keys, reads):
+    try:
+      _nest(out, k, np.asarray(r.result()))
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore's read errors
+      raise CheckpointError(f'{path}: cannot restore ({type(e).__name__}: {e})') from None
+  return out
 
 
 COPY_DIR = "qcs_jax_weights"  # beside the compiled programs, in the cache folder

@@ -18,7 +18,7 @@ from qcs_jax.recipes import (affectnet7, affectnet7_baseline, affectnet7_dcs, af
 from qcs_jax.recipes.base import (CSA, NUM_BRANCHES, NUM_CLASSES, PAPER_DATASETS, base_config,
                                   paper_config)
 
-__all__ = ["RECIPES", "recipe", "synthetic", "load_config_file", "CSA", "NUM_BRANCHES",
+__all__ = ["RECIPES", "recipe", "recipe_file", "name_of", "synthetic", "load_config_file", "CSA", "NUM_BRANCHES",
            "NUM_CLASSES", "PAPER_DATASETS", "base_config", "paper_config"]
 
 # Recipe name (the configs/ file's) -> its module.
@@ -38,6 +38,20 @@ def recipe(model: str, dataset: str) -> ml_collections.ConfigDict:
   """The config of a paper recipe: `model` ('qcs', 'dcs', 'baseline') on `dataset`."""
   paper_config(model, dataset)  # names checked
   return RECIPES[dataset + ("" if model == "qcs" else "_" + model)].get_config()
+
+
+def recipe_file(name: str) -> str:
+  """The packaged file of recipe `name` (what configs/<name>.py imports), for --config."""
+  return os.path.abspath(RECIPES[name].__file__)
+
+
+def name_of(path: str) -> str:
+  """The recipe name of a config file: configs/<name>.py, or a packaged recipe's file
+  (recipes/demo.py -> 'synthetic'); otherwise the file's own name."""
+  for name, module in RECIPES.items():
+    if os.path.abspath(path) == os.path.abspath(module.__file__):
+      return name
+  return os.path.splitext(os.path.basename(path))[0]
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from qcs_jax.bench import cli, report, runner, workload as common
+from qcs_jax.bench import cli, e2e, report, runner, workload as common
+from qcs_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,3 +108,16 @@ def test_extra_contenders_parse_and_reject_nonsense():
   for bad in ("jax:bfloat16:channels_last", "torch:float16", "tf", "torch:float32:nhwc"):
     with pytest.raises(ValueError, match="--extra"):
       runner.parse_extra(bad)
+
+
+def test_e2e_benchmark_writes_a_rafdb_the_real_reader_opens(tmp_path):
+  """tools/benchmark_e2e.py feeds the RAF-DB recipe from JPEG files in the official layout."""
+  e2e.write_rafdb(str(tmp_path), num_train=9, num_test=3, size=40)
+  cfg = e2e.recipe_config("rafdb", str(tmp_path), batch=2, dtype="bfloat16", width="paper",
+                          workers=0)
+  assert cfg.model.dtype == "bfloat16" and cfg.data.batch_size == 2
+  train = sources.open_split(cfg.data, "train")
+  test = sources.open_split(cfg.data, "test")
+  assert (len(train), len(test)) == (9, 3)
+  assert list(train.labels) == [i % 7 for i in range(9)]
+  assert train[4]["image"].shape == (40, 40, 3)

@@ -39,6 +39,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from qcs_jax.bench.workload import process_tree_cpu_s
 from qcs_jax.data import image_cache, pipeline  # pylint: disable=g-import-not-at-top
 from qcs_jax.data import transforms
 from qcs_jax.data.sources import FileSource, InMemorySource
@@ -66,20 +67,7 @@ def make_source(kind: str, n: int, size: int, root: str):
   return FileSource(labels=labels, class_names=CLASSES, name="bench/jpeg", paths=paths)
 
 
-def cpu_seconds() -> float:
-  """CPU seconds of this process (all threads) and of its live child processes."""
-  total = time.process_time()
-  try:
-    import psutil  # pylint: disable=import-outside-toplevel  # optional (grain installs it)
-  except ImportError:
-    return total  # worker processes' time not counted
-  for child in psutil.Process().children(recursive=True):
-    try:
-      t = child.cpu_times()
-      total += t.user + t.system
-    except psutil.Error:
-      pass
-  return total
+cpu_seconds = process_tree_cpu_s
 
 
 def measure(source, recipe: str, img_size: int, batch_size: int, num_branches: int,

@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import psutil
 from PIL import Image
 from tqdm import tqdm
 
 from qcs_jax import recipes as config_lib, runtime
-from qcs_jax.bench.workload import gpu_peak, machine_line
+from qcs_jax.bench.workload import gpu_peak, machine_line, process_tree_cpu_s
 from qcs_jax.data import pipeline, sources
 from qcs_jax.data.readers.rafdb import RAFDB_CLASSES
 from qcs_jax.data.transforms import Augment
@@ -73,19 +72,6 @@ def recipe_config(recipe: str, root: str, batch: int, dtype: str, width: str,
   if width == "small":
     cfg.model.update(stage_channels=(16, 32, 64), embed_dim=64, num_heads=2)
   return cfg
-
-
-def _host_cpu_s() -> float:
-  """CPU seconds of this process and its live children (the grain workers)."""
-  total = 0.0
-  me = psutil.Process()
-  for p in [me] + me.children(recursive=True):
-    try:
-      t = p.cpu_times()
-      total += t.user + t.system
-    except psutil.Error:
-      pass
-  return total
 
 
 class Contender:
@@ -198,9 +184,9 @@ def main(argv=None) -> None:
     cpu0 = {c.name: 0.0 for c in contenders}
     for _ in tqdm(range(a.rounds), desc="rounds", unit="round"):
       for c in contenders:
-        t = _host_cpu_s()
+        t = process_tree_cpu_s()
         c.run(a.steps, timed=True)
-        cpu0[c.name] += _host_cpu_s() - t
+        cpu0[c.name] += process_tree_cpu_s() - t
     rows = []
     for c in contenders:
       r = c.row()

@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Optional
 
 import numpy as np
+import psutil
 
 # Dense peak FLOP/s per chip (NVIDIA datasheets; no sparsity). XLA runs float32
 # dots/convs in TF32 on these GPUs by default, so float32 MFU uses the tf32 column.
@@ -163,3 +164,16 @@ def machine_line() -> str:
     pass
   return f"{cpu}, {os.cpu_count()} cores"
 
+
+
+def process_tree_cpu_s() -> float:
+  """CPU seconds of this process (all threads) and of its live child processes
+  (grain workers): the host's cost of a pipeline, wherever its work runs."""
+  total = time.process_time()
+  for child in psutil.Process().children(recursive=True):
+    try:
+      t = child.cpu_times()
+      total += t.user + t.system
+    except psutil.Error:
+      pass
+  return total

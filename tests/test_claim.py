@@ -125,6 +125,21 @@ def test_report_files(tmp_path):
   assert "| model | accuracy |" in open(table).read() and os.path.getsize(fig) > 1000
   with pytest.raises(ValueError, match="no finished runs"):
     claim_report.write_report([], str(tmp_path))
+  # two nuisances: the p = 0 rows join both curves, one panel and one section each
+  two = [dict(_row(m, p, s, 0.6 - 0.2 * p + 0.01 * s), nuisance=n if p else "")
+         for m in ("dcs", "baseline") for s in (0, 1) for p, n in
+         ((0.0, ""), (0.3, "background"), (0.3, "skin"))]
+  assert [len(v) for v in claim_report.curves(two).values()] == [8, 8]
+  table, fig = claim_report.write_report(two, str(tmp_path))
+  text = open(table).read()
+  assert "## Nuisance: background" in text and "## Nuisance: skin" in text
+  assert "| dcs | +6.0 [+6.0, +6.0] (2/2) |" in text  # drop 0.6 -> 0.54 on both seeds
+  with Image.open(fig) as im:
+    assert im.size == (1408, 462)
+  curve = claim_report.plot_epochs([dict(cell="a", epoch_accuracies=[0.2, 0.5])],
+                                   str(tmp_path / "epochs.png"))
+  with Image.open(curve) as im:
+    assert im.size == (704, 462)
 
 
 def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):

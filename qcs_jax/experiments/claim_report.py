@@ -222,6 +222,27 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
   return path
 
 
+def plot_epochs(rows: Sequence[dict], path: str, label=lambda r: r["cell"]) -> str:
+  """Test accuracy after every epoch, one line per row (the recipe search's figure)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+  for r in rows:
+    accs = [100 * a for a in r["epoch_accuracies"]]
+    ax.plot(range(1, len(accs) + 1), accs, marker=".", lw=1.2, label=label(r))
+  ax.axhline(60, color="gray", ls=":", lw=1, label="60% (issue 27's bar)")
+  ax.set_xlabel("epoch (2,304 training faces each)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
 def write_report(rows: Sequence[dict], out: str) -> tuple[str, str]:
   """OUT/claim_table.md (one section per nuisance) and OUT/claim.png from the rows."""
   if not rows:

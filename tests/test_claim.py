@@ -40,7 +40,9 @@ def test_every_model_gets_the_same_images_and_schedule(settings):
     assert c.train.epochs == settings.epochs and c.train.seed == 1
     assert c.data.synthetic.seed == 1
     assert tuple(c.data.synthetic.confound) == ("background:0.5", "glasses:0.5")
-    assert (c.data.synthetic.expression_strength, c.optim.sam) == (1.0, settings.sam)
+    assert (c.data.synthetic.expression_strength, c.data.synthetic.expression_jitter,
+            c.optim.sam, c.optim.lr) == (settings.expression_strength,
+                                         settings.expression_jitter, settings.sam, settings.lr)
     assert (c.model.name, c.model.csa) == claim.MODELS[model]
   assert len(steps) == 1 and len(lrs) == 1
 

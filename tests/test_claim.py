@@ -298,7 +298,7 @@ open(sys.argv[1] + ".ready" + sys.argv[2], "w").close()
 while not os.path.exists(sys.argv[1] + ".go"):  # both start together
   time.sleep(0.01)
 def fake(s, cell, workdir):
-  time.sleep(0.05)
+  time.sleep(0.1)
   return dict(cell=cell.key, model=cell.model, strength=cell.strength, seed=cell.seed,
               nuisance=cell.nuisance, final_accuracy=0.5, best_accuracy=0.5,
               images_through_backbone=64, cpu_s=1.0, wall_s=1.0, best_epoch=1,

@@ -432,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows_path = a.rows or os.path.join(a.out, RESULTS)
     if a.report_only:
       rows = read_rows(rows_path)
+      print(claim_store.cost_line(rows, [c for c in cells
+                                         if c.key not in {r["cell"] for r in rows}]))
     else:
       until = claim_store.parse_until(a.until) if a.until else None
       use_compile_cache(a.out)

@@ -250,7 +250,8 @@ def write_report(rows: Sequence[dict], out: str) -> tuple[str, str]:
   settings = rows[0].get("settings", {})
   budget = sorted({r["images_through_backbone"] for r in rows})
   cpu = sum(r.get("cpu_s", 0.0) for r in rows)
-  lines = [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items() if v not in ('', ()))}",
+  shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v not in ("", (), []))
+  lines = [f"Settings: {shown}",
            f"Images through the backbone per run: {', '.join(map(str, budget))}",
            f"Rows: {len(rows)}, {cpu / 3600:.2f} CPU-hours in all", ""]
   body = []

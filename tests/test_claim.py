@@ -1,7 +1,13 @@
 """The claim experiment (issue 16): equal budgets, grid, resume, report maths, --quick,
 real data."""
+import datetime
+import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +15,7 @@ from PIL import Image
 
 from qcs_jax.models.qcs import NUM_BRANCHES
 from qcs_jax.data import pipeline
-from qcs_jax.experiments import claim, claim_report
+from qcs_jax.experiments import claim, claim_report, claim_store
 from qcs_jax.training import optim
 
 
@@ -22,7 +28,7 @@ class _Labels:
 def test_every_model_gets_the_same_images_and_schedule(settings):
   steps, lrs = set(), set()
   for model in claim.MODELS:
-    c = claim.cell_config(settings, claim.Cell(model, 0.5, 1))
+    c = claim.cell_config(settings, claim.Cell(model, 0.5, 1, "background+glasses"))
     nb = NUM_BRANCHES[c.model.name]
     assert c.data.batch_size * nb == settings.images_per_step
     assert claim.images_per_epoch(c, settings.num_train) == settings.num_train
@@ -33,7 +39,10 @@ def test_every_model_gets_the_same_images_and_schedule(settings):
     lrs.add(tuple(float(optim.current_lr(c.optim, n, s)) for s in (0, n, 3 * n + 1)))
     assert c.train.epochs == settings.epochs and c.train.seed == 1
     assert c.data.synthetic.seed == 1
-    assert tuple(c.data.synthetic.confound) == tuple(f"{x}:0.5" for x in settings.nuisances)
+    assert tuple(c.data.synthetic.confound) == ("background:0.5", "glasses:0.5")
+    assert (c.data.synthetic.expression_strength, c.data.synthetic.expression_jitter,
+            c.optim.sam, c.optim.lr) == (settings.expression_strength,
+                                         settings.expression_jitter, settings.sam, settings.lr)
     assert (c.model.name, c.model.csa) == claim.MODELS[model]
   assert len(steps) == 1 and len(lrs) == 1
 
@@ -63,7 +72,11 @@ def test_real_data_keeps_the_released_recipe_unless_asked():
 def test_grid_is_seed_major_and_checked():
   cells = claim.grid(["baseline", "qcs-sd"], [0.0, 0.8], [0, 1])
   assert [c.key for c in cells[:4]] == ["baseline_p0.00_seed0", "qcs-sd_p0.00_seed0",
-                                        "baseline_p0.80_seed0", "qcs-sd_p0.80_seed0"]
+                                        "baseline_background_p0.80_seed0",
+                                        "qcs-sd_background_p0.80_seed0"]
+  # p = 0 ties nothing: one cell, shared by every nuisance's curve
+  glasses = claim.grid(["dcs"], [0.0, 0.3], [2], ["glasses"])
+  assert [c.key for c in glasses] == ["dcs_p0.00_seed2", "dcs_glasses_p0.30_seed2"]
   assert {c.seed for c in cells[4:]} == {1}
   with pytest.raises(ValueError, match="unknown model 'qcs'"):
     claim.grid(["qcs"], [0.0], [0])
@@ -91,9 +104,15 @@ def test_report_maths_and_table():
   assert d["wins"] == 3 and d["mean"] == pytest.approx(0.03) and d["std"] == pytest.approx(0.02)
   assert claim_report.paired(rows, "qcs-sd", "baseline", 0.0) is None
   table = claim_report.table_markdown(rows)
-  assert "| baseline | – | 52.0 ± 2.0 [54.0] (n=3) |" in table
+  # t(0.975, 2) = 4.3027: half-widths 4.3027 * 2 / sqrt(3) = 4.97 points
+  assert "| baseline | – | 52.0 ± 2.0 [54.0] {47.0, 57.0} (n=3) |" in table
   assert "| qcs-sd | 60.0 | 67.0 |" in table
-  assert "| qcs-sd − baseline | – | +3.0 ± 2.0 (3/3) |" in table
+  assert "| qcs-sd − baseline | – | +3.0 [-2.0, +8.0] (3/3) undecided |" in table
+  lo, hi = claim_report.ci95([0.03, 0.01, 0.05])
+  assert (lo, hi) == pytest.approx((0.03 - 0.049683, 0.03 + 0.049683), abs=1e-6)
+  assert claim_report.verdict((0.001, 0.02)) == "supported"
+  assert claim_report.verdict((-0.02, -0.001)) == "contradicted"
+  assert claim_report.verdict(None).startswith("undecided")
 
 
 def test_report_files(tmp_path):
@@ -108,6 +127,21 @@ def test_report_files(tmp_path):
   assert "| model | accuracy |" in open(table).read() and os.path.getsize(fig) > 1000
   with pytest.raises(ValueError, match="no finished runs"):
     claim_report.write_report([], str(tmp_path))
+  # two nuisances: the p = 0 rows join both curves, one panel and one section each
+  two = [dict(_row(m, p, s, 0.6 - 0.2 * p + 0.01 * s), nuisance=n if p else "")
+         for m in ("dcs", "baseline") for s in (0, 1) for p, n in
+         ((0.0, ""), (0.3, "background"), (0.3, "skin"))]
+  assert [len(v) for v in claim_report.curves(two).values()] == [8, 8]
+  table, fig = claim_report.write_report(two, str(tmp_path))
+  text = open(table).read()
+  assert "## Nuisance: background" in text and "## Nuisance: skin" in text
+  assert "| dcs | +6.0 [+6.0, +6.0] (2/2) |" in text  # drop 0.6 -> 0.54 on both seeds
+  with Image.open(fig) as im:
+    assert im.size == (1408, 462)
+  curve = claim_report.plot_epochs([dict(cell="a", epoch_accuracies=[0.2, 0.5])],
+                                   str(tmp_path / "epochs.png"))
+  with Image.open(curve) as im:
+    assert im.size == (704, 462)
 
 
 def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
@@ -119,7 +153,12 @@ def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
   assert len({r["images_through_backbone"] for r in rows}) == 1
   assert {r["anchors_per_step"] for r in rows} == {32, 8}
   for r in rows:
-    assert 0.0 <= r["final_accuracy"] <= 1.0 and len(r["epoch_accuracies"]) == 1
+    # the row's accuracy is the one the training loop evaluated, a count out of 70 faces
+    evals = [e for e in claim.read_rows(os.path.join(out, "runs", r["cell"], "metrics.jsonl"))
+             if e.get("kind") == "eval"]
+    assert r["final_accuracy"] == evals[-1]["accuracy"] == r["epoch_accuracies"][-1]
+    assert len(r["epoch_accuracies"]) == 1 and evals[-1]["num_images"] == 70
+    assert r["final_accuracy"] * 70 == pytest.approx(round(r["final_accuracy"] * 70), abs=1e-9)
     assert r["confound"] == ({"background": 0.95} if r["strength"] else {})
     assert not os.path.exists(os.path.join(out, "runs", r["cell"], "checkpoints"))
   assert os.path.getsize(os.path.join(out, "claim.png")) > 1000
@@ -141,6 +180,22 @@ def test_cli_errors(tmp_path, capsys):
   assert claim.main(["--out", str(tmp_path), "--report_only"]) == 0  # nothing yet: no report
   assert claim.main(["--out", str(tmp_path), "--data", "imagenet"]) == 2
   assert "error: unknown data 'imagenet'" in capsys.readouterr().err
+  assert claim.main(["--out", str(tmp_path), "--until", "25:99"]) == 2
+  assert "error: --until '25:99': expected HH:MM" in capsys.readouterr().err
+  assert claim.main(["--out", str(tmp_path), "--plan", "issue27", "--data", "rafdb"]) == 2
+  assert "--plan issue27 is a synthetic-data grid" in capsys.readouterr().err
+  now = datetime.datetime(2026, 12, 7, 11, 0, tzinfo=datetime.timezone.utc)
+  assert claim_store.parse_until("13:35", now) == now.replace(hour=13, minute=35).timestamp()
+
+
+def test_issue27_plan():
+  cells = claim.plan_27()
+  keys = [c.key for c in cells]
+  assert len(keys) == len(set(keys)) == 165  # 21 p = 0 cells, 84 background, 60 skin
+  assert all(c.strength == 0.0 for c in cells[:21]) and all(c.strength for c in cells[21:])
+  count = lambda m, n: sum(c.model == m and c.nuisance == n for c in cells)
+  assert (count("qcs-sd", "background"), count("qcs-d", "background"), count("dcs", "skin"),
+          count("qcs-s", "skin")) == (20, 12, 20, 0)
 
 
 def test_real_folder_grid(tmp_path):
@@ -169,3 +224,126 @@ def test_real_folder_grid(tmp_path):
   assert all(r["strength"] is None and r["images_through_backbone"] == 16 for r in rows)
   assert "| model | accuracy |" in open(os.path.join(out, "claim_table.md")).read()
   json.dumps(rows)
+
+
+def _fake_run_cell(s, cell, workdir):
+  """A result row without training (the store and the claims are under test, not jax)."""
+  return {"cell": cell.key, "model": cell.model, "strength": cell.strength, "seed": cell.seed,
+          "nuisance": cell.nuisance, "final_accuracy": 0.5, "best_accuracy": 0.5,
+          "images_through_backbone": 64, "cpu_s": 36.0, "wall_s": 1.0, "best_epoch": 1,
+          "settings": s.as_dict()}
+
+
+def test_rows_file_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+  ran = []
+  monkeypatch.setattr(claim, "run_cell", lambda s, c, w: ran.append(c.key) or
+                      _fake_run_cell(s, c, w))
+  s = claim.Settings(epochs=2)
+  cells = claim.grid(["baseline", "dcs"], [0.0, 0.2], [0, 1], ["glasses"])
+  rows_path = str(tmp_path / "committed" / "rows.jsonl")
+  logs = []
+  rows, failures = claim.run_grid(s, cells, str(tmp_path / "out"), rows_path=rows_path,
+                                  log=logs.append)
+  assert failures == [] and ran == [c.key for c in cells] and len(rows) == 8
+  r = rows[0]
+  assert r["settings_hash"] == claim.settings_hash(s.as_dict()) and len(r["settings_hash"]) == 12
+  assert r["cpu"] and r["date"].endswith("+00:00") and r["nuisance"] == ""
+  assert rows[2]["cell"] == "baseline_glasses_p0.20_seed0" and rows[2]["nuisance"] == "glasses"
+  assert "8 finished rows took 0.08 CPU-h; 0 cells left" in logs[-1]
+  assert not os.listdir(tmp_path / "out" / "claims")  # released after each row
+  # a kill mid-append leaves a torn line: ignored, and the next row starts a fresh line
+  lines = open(rows_path).read().splitlines()
+  with open(rows_path, "w") as f:
+    f.write("\n".join(lines[:5]) + "\n" + lines[5][:20])
+  ran.clear()
+  rows, _ = claim.run_grid(s, cells, str(tmp_path / "out"), rows_path=rows_path, log=logs.append)
+  assert ran == [c.key for c in cells[5:]]
+  assert sorted(r["cell"] for r in rows) == sorted(c.key for c in cells)
+  assert any("5 finished rows took 0.05 CPU-h; 3 cells left: ~0.03 CPU-h" in line
+             for line in logs)  # 36 CPU-s a row so far
+  # --until in the past: nothing starts
+  ran.clear()
+  claim.run_grid(s, claim.grid(["qcs-s"], [0.0], [0]), str(tmp_path / "out"),
+                 rows_path=rows_path, until=0.0, log=logs.append)
+  assert ran == [] and "not started" in logs[-2]
+  with pytest.raises(ValueError, match=r"other settings \(epochs\)"):
+    claim.run_grid(claim.Settings(epochs=3), cells, str(tmp_path / "out"), rows_path=rows_path)
+
+
+def test_claims_are_exclusive_and_stale_ones_taken_over(tmp_path):
+  c1 = claim_store.Claims(str(tmp_path), owner={"pid": os.getpid(), "host": "a"})
+  c2 = claim_store.Claims(str(tmp_path), owner={"pid": os.getpid(), "host": "b"})
+  assert c1.try_claim("x") and not c2.try_claim("x")  # fresh claim of a live owner
+  c2.release("x")  # not c2's: stays
+  assert c1.holder("x")["host"] == "a"
+  old = time.time() - 2 * claim_store.STALE_S
+  os.utime(c1.path("x"), (old, old))  # its owner stopped refreshing it
+  assert c2.try_claim("x") and c2.holder("x")["host"] == "b"
+  # a dead pid on this host is stale at once
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  with open(c1.path("y"), "w") as f:
+    json.dump({"pid": int(dead.stdout), "host": socket.gethostname()}, f)
+  assert c1.is_stale("y") and c1.try_claim("y")
+  with c1.heartbeat("y", every_s=0.01):
+    os.utime(c1.path("y"), (old, old))
+    time.sleep(0.2)
+  assert time.time() - os.stat(c1.path("y")).st_mtime < 5
+
+
+_WORKER = """
+import os, sys, time
+from qcs_jax.experiments import claim
+open(sys.argv[1] + ".ready" + sys.argv[2], "w").close()
+while not os.path.exists(sys.argv[1] + ".go"):  # both start together
+  time.sleep(0.01)
+def fake(s, cell, workdir):
+  time.sleep(0.1)
+  return dict(cell=cell.key, model=cell.model, strength=cell.strength, seed=cell.seed,
+              nuisance=cell.nuisance, final_accuracy=0.5, best_accuracy=0.5,
+              images_through_backbone=64, cpu_s=1.0, wall_s=1.0, best_epoch=1,
+              settings=s.as_dict(), worker=sys.argv[2])
+claim.run_cell = fake
+cells = claim.grid(list(claim.MODELS), [0.0, 0.1, 0.3], [0, 1])
+claim.run_grid(claim.Settings(), cells, sys.argv[1], log=lambda *_: None)
+"""
+
+
+def test_two_processes_share_a_grid_without_running_a_cell_twice(tmp_path):
+  out = str(tmp_path / "shared")
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, out, str(i)]) for i in range(2)]
+  deadline = time.time() + 60
+  while not all(os.path.exists(f"{out}.ready{i}") for i in range(2)) and time.time() < deadline:
+    time.sleep(0.02)
+  open(out + ".go", "w").close()
+  assert [p.wait(timeout=120) for p in procs] == [0, 0]
+  rows = claim.read_rows(os.path.join(out, claim.RESULTS))
+  keys = [r["cell"] for r in rows]
+  assert len(keys) == len(set(keys)) == 30
+  assert {r["worker"] for r in rows} == {"0", "1"}  # both did some of the work
+
+
+def _factor_digest(src) -> str:
+  h = hashlib.sha256()
+  for k in sorted(src.factors):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(src.factors[k]).tobytes())
+  h.update(np.asarray(src.labels, np.int64).tobytes())
+  return h.hexdigest()
+
+
+def test_expression_knobs_default_to_todays_faces_and_scale_the_expression():
+  from qcs_jax.data.base import DataError
+  from qcs_jax.data.synthetic import _NEUTRAL, make_synthetic_split
+  cfg = dict(num_train=21, num_test=7, image_size=16, seed=3, label_noise=0.1,
+             confound=("background:0.5",))
+  # digest of every drawing parameter from main's renderer (689dc1f, before the knobs)
+  assert _factor_digest(make_synthetic_split(cfg, "train")) == \
+      "ebac6e746229a957c189bc4ad9d684e9281fd59b622f5b2ae961c6b6544e7d5b"
+  one, two = (make_synthetic_split({**cfg, "expression_strength": k, "expression_jitter": 1e-9},
+                                   "test").factors for k in (1.0, 2.0))
+  np.testing.assert_allclose(two["brow_h"] - _NEUTRAL[0], 2 * (one["brow_h"] - _NEUTRAL[0]),
+                             rtol=1e-6, atol=1e-8)  # brow height is never clipped
+  np.testing.assert_array_equal(one["background_u"], two["background_u"])  # nuisances stay
+  with pytest.raises(DataError, match="expression_jitter must be a finite number > 0, got -1"):
+    make_synthetic_split({**cfg, "expression_jitter": -1}, "train")

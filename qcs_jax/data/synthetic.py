@@ -83,6 +83,17 @@ def _strength(value: Any, where: str) -> float:
   return p
 
 
+def _positive(value: Any, key: str) -> float:
+  """A float > 0 (the expression knobs); DataError naming the key otherwise."""
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    raise DataError(f"data.synthetic: {key} must be a number > 0, got {value!r}") from None
+  if not x > 0.0 or not np.isfinite(x):
+    raise DataError(f"data.synthetic: {key} must be a finite number > 0, got {x}")
+  return x
+
+
 def parse_confound(confound: Any, default_strength: float = DEFAULT_CONFOUND_STRENGTH
                    ) -> dict[str, float]:
   """{nuisance: p} from the config's ``confound`` field.
@@ -128,20 +139,25 @@ def _confound_u(u: np.ndarray, labels: np.ndarray, strength: float,
 
 def sample_factors(labels: np.ndarray, rng: np.random.Generator,
                    confound: Any = (), strength: float = DEFAULT_CONFOUND_STRENGTH,
-                   confound_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                   confound_rng: np.random.Generator | None = None,
+                   expression_strength: float = 1.0,
+                   expression_jitter: float = 1.0) -> dict[str, np.ndarray]:
   """All per-image drawing parameters (expression from the class, nuisances free or confounded).
 
   ``confound``: see ``parse_confound`` (``strength`` is the default p of bare names).
   ``confound_rng`` draws the confounds (default: a child of ``rng``'s seed), so the
-  other factors never depend on the confound.
+  other factors never depend on the confound. ``expression_strength`` scales every
+  face's departure from the neutral prototype and ``expression_jitter`` the
+  within-class variation; at their default 1.0 the draws are today's bit for bit
+  (the same random numbers are drawn whatever their values).
   """
   labels = np.asarray(labels, np.int64)
   n = labels.shape[0]
   strengths = parse_confound(confound, strength)
   out: dict[str, np.ndarray] = {"label": labels}
-  intensity = rng.uniform(0.6, 1.15, n)
+  intensity = rng.uniform(0.6, 1.15, n) * float(expression_strength)
   expr = (_NEUTRAL + intensity[:, None] * (_PROTOTYPES[labels] - _NEUTRAL)
-          + rng.normal(size=(n, len(_EXPR_KEYS))) * _JITTER)
+          + rng.normal(size=(n, len(_EXPR_KEYS))) * (_JITTER * float(expression_jitter)))
   expr[:, 6] *= rng.choice([-1.0, 1.0], n)  # which side sneers
   for j, k in enumerate(_EXPR_KEYS):
     out[k] = expr[:, j]
@@ -220,6 +236,8 @@ def make_synthetic_split(cfg: Any, split: str) -> InMemorySource:
   size = int(_field(cfg, "image_size"))
   seed = int(_field(cfg, "seed"))
   noise = float(_field(cfg, "label_noise", 0.0) or 0.0)
+  expr_strength = _positive(_field(cfg, "expression_strength", 1.0), "expression_strength")
+  expr_jitter = _positive(_field(cfg, "expression_jitter", 1.0), "expression_jitter")
   strengths = parse_confound(_field(cfg, "confound", ()) or (),
                              _field(cfg, "confound_strength", DEFAULT_CONFOUND_STRENGTH))
   if n < 1:
@@ -236,7 +254,8 @@ def make_synthetic_split(cfg: Any, split: str) -> InMemorySource:
   strengths = strengths if train else {}
   factors = sample_factors(true, rng, strengths,
                            confound_rng=np.random.default_rng([seed, SPLITS[split],
-                                                               _CONFOUND_STREAM]))
+                                                               _CONFOUND_STREAM]),
+                           expression_strength=expr_strength, expression_jitter=expr_jitter)
   labels = _noisy(true, noise, rng) if train and noise > 0 else true
   images = render_faces(factors, size, noise_seed=(seed, SPLITS[split], 7))
   src = InMemorySource(labels=labels, class_names=CLASS_NAMES, name=f"synthetic/{split}",
@@ -310,12 +329,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--confound_strength", type=float, default=DEFAULT_CONFOUND_STRENGTH,
                   help="p of the nuisances listed without one")
   ap.add_argument("--label_noise", type=float, default=0.0)
+  ap.add_argument("--expression_strength", type=float, default=1.0,
+                  help="scale of the departure from neutral (1: today's faces)")
+  ap.add_argument("--expression_jitter", type=float, default=1.0,
+                  help="scale of the within-class variation (1: today's faces)")
   ap.add_argument("--per_class", type=int, default=8)
   ap.add_argument("--scale", type=int, default=1)
   a = ap.parse_args(argv)
   cfg = dict(num_train=a.num, num_test=a.num, image_size=a.image_size, seed=a.seed,
              confound=a.confound, confound_strength=a.confound_strength,
-             label_noise=a.label_noise)
+             label_noise=a.label_noise, expression_strength=a.expression_strength,
+             expression_jitter=a.expression_jitter)
   t0 = time.perf_counter()
   try:
     src = make_synthetic_split(cfg, a.split)

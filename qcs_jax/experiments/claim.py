@@ -15,9 +15,13 @@ how the authors pair DCS (48 anchors) with QCS (24 anchors) in their recipes, an
 equalises compute, which the backbone dominates. "recipe" keeps each model's released
 recipe unchanged (the paper's protocol on real data).
 
-Each run writes one JSONL row to OUT/results.jsonl; rerunning the command skips the
-finished cells and resumes an interrupted one from its checkpoint. The table and the
-figure (claim_report.py) are redrawn from the rows at the end.
+Each run appends one JSON row to the rows file (--rows; default OUT/results.jsonl; the
+grid's is the committed experiments/claim_rows.jsonl) with its settings hash, CPU
+seconds, date and CPU model; rerunning the command skips the finished cells (another
+session, another machine: commit the file) and resumes an interrupted one from its
+checkpoint. Processes that share OUT claim each cell atomically first (claim_store.py),
+so they can run one grid side by side. The tables and the figure (claim_report.py)
+are redrawn from the rows at the end.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ import ml_collections
 
 from qcs_jax import recipes as config_lib
 from qcs_jax.data.base import DataError
+from qcs_jax.experiments import claim_store
+from qcs_jax.experiments.claim_store import read_rows, settings_hash
 
 MODELS = {"baseline": ("baseline", "sd"), "dcs": ("dcs", "s"), "qcs-sd": ("qcs", "sd"),
           "qcs-s": ("qcs", "s"), "qcs-d": ("qcs", "d")}
@@ -53,16 +59,21 @@ RESULTS = "results.jsonl"
 class Settings:
   """Everything a cell's result depends on besides (model, strength, seed)."""
   data: str = "synthetic"
-  nuisances: tuple[str, ...] = ("background",)
+  # The issue-27 recipe (docs/EXPERIMENTS.md: the search): strong, tight expressions, no
+  # label noise, plain Adam at 1e-3 and 64 images a step (2x the optimizer steps of 128).
   image_size: int = 48
-  num_train: int = 2304  # 18 steps of 128 images per epoch
+  num_train: int = 2304  # 36 steps of 64 images per epoch
   num_test: int = 1400
-  label_noise: float = 0.05
+  label_noise: float = 0.0
   width: str = "demo"
-  images_per_step: int = 128  # QCS: the demo's 32 anchors
-  epochs: int = 6  # 13,824 images through the backbone: the grid fits ~75 min on 2 Zen 3 cores
-  gamma: float = 0.97  # lr decay per epoch of num_train images: the demo's 0.85 per 12,000
-  warmup_steps: int = 30  # of the 108 steps (the demo's 100 warm-up steps are for 750)
+  images_per_step: int = 64  # QCS: 16 anchors
+  epochs: int = 18  # 41,472 images through the backbone
+  gamma: float = 0.97  # lr decay per epoch of num_train images
+  warmup_steps: int = 60  # of the 648 steps
+  lr: float = 1e-3
+  sam: bool = False  # SAM costs two backbone passes per step (the images budget counts one)
+  expression_strength: float = 2.0  # the renderer's scale of the departure from neutral
+  expression_jitter: float = 0.5  # the renderer's scale of the within-class variation
   budget: str = "images"
   root: str = ""
   csv: str = ""
@@ -75,14 +86,19 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
+  """One run. ``nuisance``: the nuisances tied to the class ("+"-joined); at p = 0 none
+  is, so the p = 0 run is one cell shared by every nuisance's curve."""
   model: str
   strength: float | None  # None: a real data set (no knob)
   seed: int
+  nuisance: str = ""
 
   @property
   def key(self) -> str:
-    p = "" if self.strength is None else f"_p{self.strength:.2f}"
-    return f"{self.model}{p}_seed{self.seed}"
+    if self.strength is None:
+      return f"{self.model}_seed{self.seed}"
+    n = f"_{self.nuisance}" if self.strength and self.nuisance else ""
+    return f"{self.model}{n}_p{self.strength:.2f}_seed{self.seed}"
 
 
 QUICK = dict(models=("baseline", "qcs-sd"), strengths=(0.0, 0.95), seeds=(0,),
@@ -90,16 +106,42 @@ QUICK = dict(models=("baseline", "qcs-sd"), strengths=(0.0, 0.95), seeds=(0,),
                                images_per_step=32, epochs=1))
 
 
+# Issue 27's grid: p in {0, .1, .2, .3, .5}; background: baseline/DCS/QCS-SD x 5 seeds and
+# QCS-S/QCS-D x 3; skin tone (a nuisance on the face itself): the first three x 5 seeds.
+PLAN_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.5)
+PLAN_27 = (
+    (("baseline", "dcs", "qcs-sd"), (0, 1, 2, 3, 4), ("background", "skin")),
+    (("qcs-s", "qcs-d"), (0, 1, 2), ("background",)),
+)
+
+
+def plan_27() -> list[Cell]:
+  """Issue 27's cells, most informative first: every p = 0 cell (the recipe's check over
+  seeds, shared by both nuisances), then background and skin seed by seed."""
+  cells: list[Cell] = []
+  for models, seeds, _ in PLAN_27:
+    cells += grid(models, (0.0,), seeds)
+  for nuisance in ("background", "skin"):
+    for seed in range(5):
+      for models, seeds, nuisances in PLAN_27:
+        if nuisance in nuisances and seed in seeds:
+          cells += grid(models, PLAN_STRENGTHS[1:], (seed,), (nuisance,))
+  return cells
+
+
 def grid(models: Sequence[str], strengths: Sequence[float | None],
-         seeds: Sequence[int]) -> list[Cell]:
-  """Cells seed-major, so an interrupted grid already holds whole seeds."""
+         seeds: Sequence[int], nuisances: Sequence[str] = ("background",)) -> list[Cell]:
+  """Cells seed-major, so an interrupted grid already holds whole seeds.
+
+  ``nuisances`` are tied to the class together in every cell with p > 0."""
   for m in models:
     if m not in MODELS:
       raise ValueError(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
   for p in strengths:
     if p is not None and not 0.0 <= p <= 1.0:
       raise ValueError(f"confound strength must be in [0, 1], got {p}")
-  return [Cell(m, p, s) for s in seeds for p in strengths for m in models]
+  tied = "+".join(nuisances)
+  return [Cell(m, p, s, tied if p else "") for s in seeds for p in strengths for m in models]
 
 
 def _set(cfg: ml_collections.ConfigDict, assignment: str) -> None:
@@ -122,6 +164,10 @@ def _set(cfg: ml_collections.ConfigDict, assignment: str) -> None:
   node[leaf] = value
 
 
+def _tied(cell: Cell) -> list[str]:
+  return [n for n in cell.nuisance.split("+") if n]
+
+
 def cell_config(s: Settings, cell: Cell) -> ml_collections.ConfigDict:
   """The training config of one cell (pure: no files are read)."""
   family, csa = MODELS[cell.model]
@@ -129,12 +175,14 @@ def cell_config(s: Settings, cell: Cell) -> ml_collections.ConfigDict:
     c = config_lib.synthetic(family)
     c.model.update(img_size=s.image_size, **WIDTHS[s.width])
     c.data.augment.resize = s.image_size
-    confound = tuple(f"{n}:{cell.strength:g}" for n in s.nuisances) if cell.strength else ()
+    confound = tuple(f"{n}:{cell.strength:g}" for n in _tied(cell)) if cell.strength else ()
     c.data.synthetic.update(num_train=s.num_train, num_test=s.num_test,
                             image_size=s.image_size, seed=cell.seed,
-                            label_noise=s.label_noise, confound=confound)
+                            label_noise=s.label_noise, confound=confound,
+                            expression_strength=s.expression_strength,
+                            expression_jitter=s.expression_jitter)
     c.train.epochs = s.epochs
-    c.optim.update(gamma=s.gamma, warmup_steps=s.warmup_steps)
+    c.optim.update(gamma=s.gamma, warmup_steps=s.warmup_steps, lr=s.lr, sam=s.sam)
   elif s.data in REAL_DATA:
     c = config_lib.recipe(family, s.recipe)
     c.data.update(name=s.data, root=s.root, csv=s.csv)
@@ -163,20 +211,6 @@ def images_per_epoch(cfg: ml_collections.ConfigDict, num_train: int) -> int:
   nb = config_lib.NUM_BRANCHES[cfg.model.name]
   anchors = max(1, int(round(num_train * cfg.data.epoch_fraction)))
   return anchors // cfg.data.batch_size * cfg.data.batch_size * nb
-
-
-def read_rows(path: str) -> list[dict]:
-  """The rows of a results.jsonl (a torn last line from a kill is ignored)."""
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
 
 
 def _eval_rows(workdir: str) -> list[dict]:
@@ -211,7 +245,8 @@ def run_cell(s: Settings, cell: Cell, workdir: str) -> dict:
   return {
       "cell": cell.key, "model": cell.model, "name": family, "csa": csa,
       "strength": cell.strength, "seed": cell.seed,
-      "confound": {n: cell.strength for n in s.nuisances} if cell.strength else {},
+      "nuisance": cell.nuisance,
+      "confound": {n: cell.strength for n in _tied(cell)} if cell.strength else {},
       "final_accuracy": evals[-1]["accuracy"],
       "final_mean_class_accuracy": evals[-1]["mean_class_accuracy"],
       "best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
@@ -223,41 +258,64 @@ def run_cell(s: Settings, cell: Cell, workdir: str) -> dict:
   }
 
 
-def run_grid(s: Settings, cells: Sequence[Cell], out: str, keep_checkpoints: bool = False,
-             log=print) -> tuple[list[dict], list[str]]:
-  """Runs the cells not yet in OUT/results.jsonl; returns (all rows, failures)."""
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, RESULTS)
-  rows = read_rows(path)
+def _done(rows: Sequence[dict], path: str, digest: str, s: Settings) -> set[str]:
+  """Keys of the cells finished with these settings; rows of other settings are refused."""
   for r in rows:
-    if r.get("settings") != s.as_dict():
-      changed = sorted(k for k in s.as_dict() if r.get("settings", {}).get(k) != s.as_dict()[k])
+    if r.get("settings_hash", settings_hash(r.get("settings", {}))) != digest:
+      mine, theirs = s.as_dict(), r.get("settings", {})
+      changed = sorted(k for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k))
       raise ValueError(f"{path} holds runs with other settings ({', '.join(changed)}); "
-                       f"use another --out or the same options")
-  done = {r["cell"] for r in rows}
+                       f"use another --rows file or the same options")
+  return {r["cell"] for r in rows}
+
+
+def run_grid(s: Settings, cells: Sequence[Cell], out: str, keep_checkpoints: bool = False,
+             log=print, rows_path: str | None = None, until: float | None = None,
+             stale_s: float = claim_store.STALE_S) -> tuple[list[dict], list[str]]:
+  """Runs the cells not yet in the rows file (default OUT/results.jsonl); returns (all
+  rows, failures). Each cell is claimed first (OUT/claims), so processes sharing OUT
+  never run one cell twice; cells another live process holds are left to it. No cell
+  starts after the time ``until`` (seconds since the epoch)."""
+  os.makedirs(out, exist_ok=True)
+  path = rows_path or os.path.join(out, RESULTS)
+  digest = settings_hash(s.as_dict())
+  claims = claim_store.Claims(os.path.join(out, "claims"), stale_s=stale_s)
+  done = _done(claim_store.read_rows(path), path, digest, s)
   todo = [c for c in cells if c.key not in done]
-  log(f"{len(cells)} cells: {len(cells) - len(todo)} done, {len(todo)} to run -> {path}")
+  log(f"{len(cells)} cells: {len(cells) - len(todo)} done, {len(todo)} to run -> {path} "
+      f"(settings {digest})")
+  log(claim_store.cost_line([r for r in claim_store.read_rows(path)], todo))
   failures = []
   for i, cell in enumerate(todo):
+    if until is not None and time.time() >= until:
+      log(f"stopping: --until reached, {len(todo) - i} cells not started")
+      break
+    if cell.key in _done(claim_store.read_rows(path), path, digest, s):
+      continue  # another process finished it meanwhile
+    if not claims.try_claim(cell.key):
+      log(f"[{i + 1}/{len(todo)}] {cell.key}: claimed by {claims.holder(cell.key)}, skipped")
+      continue
     workdir = os.path.join(out, "runs", cell.key)
     log(f"[{i + 1}/{len(todo)}] {cell.key}")
     try:
-      row = run_cell(s, cell, workdir)
+      with claims.heartbeat(cell.key):
+        row = run_cell(s, cell, workdir)
     except (ValueError, RuntimeError, FloatingPointError, DataError) as e:
       failures.append(f"{cell.key}: {e}")
       log(f"error: {cell.key}: {e}")
+      claims.release(cell.key)
       continue
-    with open(path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    rows.append(row)
+    row.update(settings_hash=digest, date=claim_store.utc_now(), cpu=claim_store.cpu_model())
+    claim_store.append_row(path, row)
+    claims.release(cell.key)
     log(f"  test accuracy {100 * row['final_accuracy']:.2f}% (best "
         f"{100 * row['best_accuracy']:.2f}% at epoch {row['best_epoch']}), "
         f"{row['images_through_backbone']} images, {row['wall_s']:.0f} s wall, "
         f"{row['cpu_s']:.0f} s CPU")
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+  rows = claim_store.read_rows(path)
+  log(claim_store.cost_line(rows, [c for c in cells if c.key not in {r["cell"] for r in rows}]))
   return rows, failures
 
 
@@ -279,11 +337,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--out", required=True, help="results folder (rerun the command to resume)")
   ap.add_argument("--quick", action="store_true",
                   help="smoke test: baseline and QCS x 2 strengths x 1 seed, tiny network, 1 epoch")
+  ap.add_argument("--plan", default="", choices=("", "issue27"),
+                  help="issue27: the whole grid of issue 27 (--models/--strengths/--seeds/"
+                       "--nuisances ignored)")
   ap.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
   ap.add_argument("--strengths", default="0,0.5,0.8,0.95", help="confound strengths p")
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--nuisances", default=",".join(d.nuisances),
-                  help="nuisances tied to the class with probability p (synthetic data)")
+  ap.add_argument("--nuisances", default="background",
+                  help="nuisances tied to the class with probability p (synthetic data; "
+                       "several: tied together in each cell)")
   ap.add_argument("--data", default=d.data, help=f"synthetic or one of {','.join(REAL_DATA)}")
   ap.add_argument("--root", default="", help="data set folder (real data)")
   ap.add_argument("--csv", default="", help="path,label,split manifest (--data csv)")
@@ -295,6 +357,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--num_test", type=int, default=d.num_test)
   ap.add_argument("--label_noise", type=float, default=d.label_noise)
   ap.add_argument("--width", default=d.width, choices=sorted(WIDTHS))
+  ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (synthetic)")
+  ap.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+  ap.add_argument("--gamma", type=float, default=d.gamma, help="lr decay per epoch")
+  ap.add_argument("--sam", type=int, choices=(0, 1), default=int(d.sam),
+                  help="1: SAM (two passes a step, the released recipes), 0: plain Adam")
+  ap.add_argument("--expression_strength", type=float, default=d.expression_strength,
+                  help="renderer: scale of each face's departure from neutral")
+  ap.add_argument("--expression_jitter", type=float, default=d.expression_jitter,
+                  help="renderer: scale of the within-class variation")
   ap.add_argument("--images_per_step", type=int, default=d.images_per_step)
   ap.add_argument("--epochs", type=int, default=None,
                   help=f"epochs per run (synthetic default {d.epochs}; real data: the recipe's)")
@@ -303,6 +374,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        "recipe: each model's released recipe (real-data default)")
   ap.add_argument("--set", action="append", default=[], dest="overrides",
                   help="config override key=value for every run, e.g. init.backbone=ir50.npz")
+  ap.add_argument("--rows", default="",
+                  help="the finished rows, one JSON line each (default OUT/results.jsonl); "
+                       "commit it to resume in another session or on another machine")
+  ap.add_argument("--until", default="",
+                  help="start no cell after this UTC time, HH:MM today (or an ISO date-time)")
+  ap.add_argument("--stale_s", type=float, default=claim_store.STALE_S,
+                  help="a claim not refreshed for this long is another host's dead run")
   ap.add_argument("--report_only", action="store_true", help="redraw table and figure only")
   ap.add_argument("--keep_checkpoints", action="store_true")
   return ap.parse_args(argv)
@@ -313,15 +391,23 @@ def settings_from_args(a: argparse.Namespace) -> tuple[Settings, list[Cell]]:
   if a.quick:
     q = QUICK["settings"]
     return q, grid(QUICK["models"], QUICK["strengths"], QUICK["seeds"])
-  s = Settings(data=a.data, nuisances=_names(a.nuisances), image_size=a.image_size,
+  s = Settings(data=a.data, image_size=a.image_size,
                num_train=a.num_train, num_test=a.num_test, label_noise=a.label_noise,
-               width=a.width, images_per_step=a.images_per_step,
+               width=a.width, images_per_step=a.images_per_step, lr=a.lr,
+               warmup_steps=a.warmup_steps, gamma=a.gamma, sam=bool(a.sam),
+               expression_strength=a.expression_strength,
+               expression_jitter=a.expression_jitter,
                epochs=a.epochs if a.epochs is not None else (0 if real else Settings.epochs),
                budget=a.budget or ("recipe" if real else "images"), root=a.root, csv=a.csv,
                recipe=a.recipe or (a.data if a.data in config_lib.PAPER_DATASETS else "rafdb"),
                overrides=tuple(a.overrides))
   strengths = (None,) if real else _floats(a.strengths)
-  cells = grid(_names(a.models), strengths, _ints(a.seeds))
+  if a.plan == "issue27":
+    if real:
+      raise ValueError("--plan issue27 is a synthetic-data grid; drop --plan for --data")
+    cells = plan_27()
+  else:
+    cells = grid(_names(a.models), strengths, _ints(a.seeds), _names(a.nuisances))
   cell_config(s, cells[0])  # fails early on a bad option
   return s, cells
 
@@ -343,11 +429,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     s, cells = settings_from_args(a)
     failures: list[str] = []
+    rows_path = a.rows or os.path.join(a.out, RESULTS)
     if a.report_only:
-      rows = read_rows(os.path.join(a.out, RESULTS))
+      rows = read_rows(rows_path)
+      print(claim_store.cost_line(rows, [c for c in cells
+                                         if c.key not in {r["cell"] for r in rows}]))
     else:
+      until = claim_store.parse_until(a.until) if a.until else None
       use_compile_cache(a.out)
-      rows, failures = run_grid(s, cells, a.out, a.keep_checkpoints)
+      rows, failures = run_grid(s, cells, a.out, a.keep_checkpoints, rows_path=rows_path,
+                                until=until, stale_s=a.stale_s)
     if rows:
       table, figure = claim_report.write_report(rows, a.out)
       print(open(table).read())

@@ -1,10 +1,13 @@
-"""Table and figure of a claim grid (claim.py) from its result rows: pure maths + matplotlib.
+"""Tables and figure of a claim grid (claim.py) from its result rows: pure maths + matplotlib.
 
-Per (model, strength): the mean and sample standard deviation (ddof=1) over seeds of
-the final-epoch test accuracy, the maximum over seeds of the best-epoch accuracy
-(the paper's protocol: best of five runs, best epoch), and paired differences: a
-model minus the baseline (and the claim's other pairs) trained on the same seed, so
-the data set and the initialisation seed are shared and their variance cancels.
+Per nuisance curve (the p = 0 rows, which tie nothing, belong to every curve) and per
+(model, strength): the mean and sample standard deviation (ddof=1) over seeds of the
+final-epoch test accuracy with its 95% confidence interval (Student t, n - 1 degrees
+of freedom), the maximum over seeds of the best-epoch accuracy (the paper's protocol),
+each model's drop from p = 0 paired by seed, and paired differences: one model minus
+another trained on the same seed, so the data set and initialisation are shared and
+their variance cancels. A paper ordering "a > b" at one p is *supported* when the 95%
+interval of a - b lies above 0, *contradicted* when it lies below, else *undecided*.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy import stats as sps
 
 MODEL_ORDER = ("baseline", "dcs", "qcs-sd", "qcs-s", "qcs-d")
 # The paper's orderings: QCS > DCS > baseline and SD > S > D.
@@ -34,34 +38,73 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def ci95(values: Sequence[float]) -> tuple[float, float] | None:
+  """The 95% t interval of the mean (None for fewer than two values)."""
+  n = len(values)
+  if n < 2:
+    return None
+  mean, std = mean_std(values)
+  half = float(sps.t.ppf(0.975, n - 1)) * std / np.sqrt(n)
+  return mean - half, mean + half
+
+
+def verdict(ci: tuple[float, float] | None) -> str:
+  if ci is None:
+    return "undecided (n<2)"
+  if ci[0] > 0:
+    return "supported"
+  if ci[1] < 0:
+    return "contradicted"
+  return "undecided"
+
+
+def curves(rows: Sequence[dict]) -> dict[str, list[dict]]:
+  """nuisance -> its rows (the p = 0 rows join every nuisance's curve)."""
+  names = sorted({r.get("nuisance", "") for r in rows if r["strength"]} - {""})
+  if not names:
+    return {"": list(rows)}
+  return {n: [r for r in rows if not r["strength"] or r.get("nuisance", "") == n]
+          for n in names}
+
+
 def summarize(rows: Sequence[dict]) -> dict[tuple[str, float | None], dict]:
-  """(model, strength) -> n, seeds, mean/std of final accuracy, max of best-epoch accuracy."""
+  """(model, strength) -> n, seeds, mean/std/95% CI of final accuracy, max of best-epoch."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     groups.setdefault((r["model"], r["strength"]), []).append(r)
   out = {}
   for key, rs in groups.items():
     rs = sorted(rs, key=lambda r: r["seed"])
-    mean, std = mean_std([r["final_accuracy"] for r in rs])
+    accs = [r["final_accuracy"] for r in rs]
+    mean, std = mean_std(accs)
     out[key] = {"n": len(rs), "seeds": [r["seed"] for r in rs], "mean": mean, "std": std,
-                "max_best": max(r["best_accuracy"] for r in rs),
+                "ci": ci95(accs), "max_best": max(r["best_accuracy"] for r in rs),
                 "max_final": max(r["final_accuracy"] for r in rs)}
   return out
 
 
-def paired(rows: Sequence[dict], a: str, b: str, strength) -> dict | None:
-  """a minus b in final accuracy over the seeds both ran at ``strength``; None if none."""
-  acc = {}
-  for r in rows:
-    if r["strength"] == strength and r["model"] in (a, b):
-      acc[(r["model"], r["seed"])] = r["final_accuracy"]
-  seeds = sorted(s for (m, s) in acc if m == a and (b, s) in acc)
+def _paired_diffs(acc: dict, a, b) -> dict | None:
+  seeds = sorted(s for (k, s) in acc if k == a and (b, s) in acc)
   if not seeds:
     return None
   diffs = [acc[(a, s)] - acc[(b, s)] for s in seeds]
   mean, std = mean_std(diffs)
-  return {"n": len(seeds), "mean": mean, "std": std, "wins": sum(d > 0 for d in diffs),
-          "diffs": diffs}
+  return {"n": len(seeds), "mean": mean, "std": std, "ci": ci95(diffs),
+          "wins": sum(d > 0 for d in diffs), "diffs": diffs, "seeds": seeds}
+
+
+def paired(rows: Sequence[dict], a: str, b: str, strength) -> dict | None:
+  """a minus b in final accuracy over the seeds both ran at ``strength``; None if none."""
+  acc = {(r["model"], r["seed"]): r["final_accuracy"] for r in rows
+         if r["strength"] == strength and r["model"] in (a, b)}
+  return _paired_diffs(acc, a, b)
+
+
+def drop(rows: Sequence[dict], model: str, strength) -> dict | None:
+  """Accuracy at p = 0 minus at ``strength`` (positive: lost), paired by seed."""
+  acc = {(r["strength"], r["seed"]): r["final_accuracy"] for r in rows
+         if r["model"] == model and r["strength"] in (0.0, strength)}
+  return _paired_diffs(acc, 0.0, strength)
 
 
 def _pct(x: float) -> str:
@@ -72,28 +115,47 @@ def _col(p) -> str:
   return "accuracy" if p is None else f"p = {p:g}"
 
 
+def _diff(d: dict | None) -> str:
+  if d is None:
+    return "–"
+  ci = "" if d["ci"] is None else f" [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
+  return f"{100 * d['mean']:+.1f}{ci} ({d['wins']}/{d['n']})"
+
+
 def table_markdown(rows: Sequence[dict]) -> str:
-  """Three markdown tables: mean +- std (max), paper protocol, paired differences."""
+  """Markdown tables of one curve: accuracy, paper protocol, drops, paired differences
+  with 95% CIs, and the verdict on each of the paper's orderings."""
   stats = summarize(rows)
   models = _order({m for m, _ in stats})
   strengths = sorted({p for _, p in stats}, key=_strength_key)
   head = "| model | " + " | ".join(_col(p) for p in strengths) + " |\n"
   rule = "|---|" + "---|" * len(strengths) + "\n"
-  t1 = ("Test accuracy (%) at the last epoch, mean ± std over seeds [max over seeds]:\n\n"
-        + head + rule)
+  t1 = ("Test accuracy (%) at the last epoch, mean ± std over seeds [max over seeds], "
+        "95% CI of the mean:\n\n" + head + rule)
   t2 = "Paper protocol: maximum over seeds of the best-epoch test accuracy (%):\n\n" + head + rule
   for m in models:
     c1, c2 = [], []
     for p in strengths:
       s = stats.get((m, p))
+      ci = "" if s is None or s["ci"] is None else \
+          f" {{{_pct(s['ci'][0])}, {_pct(s['ci'][1])}}}"
       c1.append("–" if s is None else
-                f"{_pct(s['mean'])} ± {_pct(s['std'])} [{_pct(s['max_final'])}] (n={s['n']})")
+                f"{_pct(s['mean'])} ± {_pct(s['std'])} [{_pct(s['max_final'])}]{ci} (n={s['n']})")
       c2.append("–" if s is None else _pct(s["max_best"]))
     t1 += f"| {m} | " + " | ".join(c1) + " |\n"
     t2 += f"| {m} | " + " | ".join(c2) + " |\n"
-  t3 = ("Paired differences (percentage points, same seed), mean ± std, and the seeds "
-        "where the first model wins:\n\n| pair | " + " | ".join(_col(p) for p in strengths)
-        + " |\n" + rule)
+  out = t1 + "\n" + t2
+  confounded = [p for p in strengths if p]
+  if 0.0 in strengths and confounded:
+    h = "| model | " + " | ".join(_col(p) for p in confounded) + " |\n"
+    t = ("Drop from p = 0 (points lost, same seed), mean [95% CI] (seeds where it "
+         "dropped):\n\n" + h + "|---|" + "---|" * len(confounded) + "\n")
+    for m in models:
+      t += f"| {m} | " + " | ".join(_diff(drop(rows, m, p)) for p in confounded) + " |\n"
+    out += "\n" + t
+  t3 = ("Paired differences (points, same seed), mean [95% CI] (seeds where the first "
+        "model wins), and the verdict on the paper's ordering:\n\n| pair | "
+        + " | ".join(_col(p) for p in strengths) + " |\n" + rule)
   any_pair = False
   for a, b in CLAIM_PAIRS:
     cells = [paired(rows, a, b, p) for p in strengths]
@@ -101,53 +163,80 @@ def table_markdown(rows: Sequence[dict]) -> str:
       continue
     any_pair = True
     t3 += f"| {a} − {b} | " + " | ".join(
-        "–" if d is None else f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} "
-        f"({d['wins']}/{d['n']})" for d in cells) + " |\n"
-  return t1 + "\n" + t2 + ("\n" + t3 if any_pair else "")
+        "–" if d is None else f"{_diff(d)} {verdict(d['ci'])}" for d in cells) + " |\n"
+  return out + ("\n" + t3 if any_pair else "")
 
 
 def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
-  """Test accuracy vs confound strength, one line per model: mean ± std, seeds as dots.
-
-  Real-data grids (no strength) draw one bar per model instead.
-  """
+  """Test accuracy vs confound strength, one panel per nuisance, one line per model:
+  the mean with its 95% CI as a band, single runs as dots. Real-data grids (no
+  strength) draw one bar per model with its 95% CI instead."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  stats = summarize(rows)
-  models = _order({m for m, _ in stats})
-  strengths = sorted({p for _, p in stats}, key=_strength_key)
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-  real = strengths == [None]
-  n = len(models)
-  for i, m in enumerate(models):
-    ps = [p for p in strengths if (m, p) in stats]
-    xs = np.asarray([0.0] if real else ps, np.float64)
-    dx = (i - (n - 1) / 2) * (0.012 if not real else 0.0)  # separate the error bars
-    means = [100 * stats[(m, p)]["mean"] for p in ps]
-    stds = [100 * stats[(m, p)]["std"] for p in ps]
+  panels = curves(rows)
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), dpi=110,
+                           squeeze=False)
+  for ax, (nuisance, rs) in zip(axes[0], panels.items()):
+    stats = summarize(rs)
+    models = _order({m for m, _ in stats})
+    strengths = sorted({p for _, p in stats}, key=_strength_key)
+    real = strengths == [None]
+    for i, m in enumerate(models):
+      ps = [p for p in strengths if (m, p) in stats]
+      ss = [stats[(m, p)] for p in ps]
+      means = np.asarray([100 * s["mean"] for s in ss])
+      lo = np.asarray([100 * (s["ci"][0] if s["ci"] else s["mean"]) for s in ss])
+      hi = np.asarray([100 * (s["ci"][1] if s["ci"] else s["mean"]) for s in ss])
+      if real:
+        ax.bar(i, means[0], yerr=[[means[0] - lo[0]], [hi[0] - means[0]]], capsize=4,
+               label=m, alpha=0.8)
+        xs = [float(i)]
+      else:
+        xs = [float(p) for p in ps]
+        line, = ax.plot(xs, means, marker="o", label=m, lw=1.5)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+      for p, x in zip(ps, xs):
+        accs = [100 * r["final_accuracy"] for r in rs if r["model"] == m and r["strength"] == p]
+        ax.scatter([x] * len(accs), accs, s=9, color="k", alpha=0.35, zorder=3)
     if real:
-      ax.bar(i, means[0], yerr=stds[0], capsize=4, label=m, alpha=0.8)
+      ax.set_xticks(range(len(models)), models)
     else:
-      ax.errorbar(xs + dx, means, yerr=stds, marker="o", capsize=3, label=m, lw=1.5)
-    for p, x in zip(ps, [i] if real else xs + dx):
-      accs = [100 * r["final_accuracy"] for r in rows if r["model"] == m and r["strength"] == p]
-      ax.scatter([x] * len(accs), accs, s=9, color="k", alpha=0.35, zorder=3)
-  if real:
-    ax.set_xticks(range(n), models)
-  else:
-    ax.set_xlabel("confound strength p (train split; test split independent)")
-    ax.set_xticks(strengths)
-  ax.set_ylabel("test accuracy (%), last epoch")
-  if rows and rows[0].get("settings", {}).get("data") == "synthetic":
-    from qcs_jax.data.synthetic import CLASS_NAMES  # pylint: disable=import-outside-toplevel
-    ax.axhline(100 / len(CLASS_NAMES), color="gray", ls="--", lw=1,
-               label=f"chance (1/{len(CLASS_NAMES)})")
-  seeds = max((s["n"] for s in stats.values()), default=0)
-  ax.set_title(title or f"mean ± std over {seeds} seed(s); dots: single runs", fontsize=9)
+      ax.set_xlabel(f"confound strength p of {nuisance or 'the nuisance'} "
+                    "(train split; test split independent)", fontsize=8)
+      ax.set_xticks(strengths)
+    ax.set_ylabel("test accuracy (%), last epoch")
+    if rs and rs[0].get("settings", {}).get("data") == "synthetic":
+      from qcs_jax.data.synthetic import CLASS_NAMES  # pylint: disable=import-outside-toplevel
+      ax.axhline(100 / len(CLASS_NAMES), color="gray", ls="--", lw=1,
+                 label=f"chance (1/{len(CLASS_NAMES)})")
+    seeds = max((s["n"] for s in stats.values()), default=0)
+    ax.set_title(title or f"{nuisance + ': ' if nuisance else ''}mean, 95% CI band "
+                 f"(up to {seeds} seeds); dots: single runs", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_epochs(rows: Sequence[dict], path: str, label=lambda r: r["cell"]) -> str:
+  """Test accuracy after every epoch, one line per row (the recipe search's figure)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+  for r in rows:
+    accs = [100 * a for a in r["epoch_accuracies"]]
+    ax.plot(range(1, len(accs) + 1), accs, marker=".", lw=1.2, label=label(r))
+  ax.axhline(60, color="gray", ls=":", lw=1, label="60% (issue 27's bar)")
+  ax.set_xlabel("epoch (2,304 training faces each)")
+  ax.set_ylabel("test accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -155,14 +244,21 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
 
 
 def write_report(rows: Sequence[dict], out: str) -> tuple[str, str]:
-  """OUT/claim_table.md and OUT/claim.png from the rows."""
+  """OUT/claim_table.md (one section per nuisance) and OUT/claim.png from the rows."""
   if not rows:
     raise ValueError(f"{out}: no finished runs to report")
   settings = rows[0].get("settings", {})
   budget = sorted({r["images_through_backbone"] for r in rows})
-  lines = [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items() if v not in ('', ()))}",
-           f"Images through the backbone per run: {', '.join(map(str, budget))}", ""]
+  cpu = sum(r.get("cpu_s", 0.0) for r in rows)
+  shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v not in ("", (), []))
+  lines = [f"Settings: {shown}",
+           f"Images through the backbone per run: {', '.join(map(str, budget))}",
+           f"Rows: {len(rows)}, {cpu / 3600:.2f} CPU-hours in all", ""]
+  body = []
+  for nuisance, rs in curves(rows).items():
+    body.append((f"## Nuisance: {nuisance}\n\n" if nuisance else "") + table_markdown(rs))
+  os.makedirs(out, exist_ok=True)
   table = os.path.join(out, "claim_table.md")
   with open(table, "w") as f:
-    f.write("\n".join(lines) + "\n" + table_markdown(rows))
+    f.write("\n".join(lines) + "\n" + "\n".join(body))
   return table, plot(rows, os.path.join(out, "claim.png"))

@@ -390,7 +390,7 @@ def test_deeply_nested_metadata_is_one_line_not_a_recursion_error(tmp_path, load
 
 def test_convert_cli_exits_2_with_one_line_for_any_reader_failure(tmp_path, capsys,
                                                                   monkeypatch):
-  from qcs_jax import convert
+  from qcs_jax.cli import convert
   from qcs_jax.interop import converter
   path = tmp_path / 'deep.pth'
   write_zip(path, state_dict(state_dict=b'}' + s('w') + tensor('0', 3, (3,), (1,)) + b's',

@@ -51,8 +51,8 @@ def expected_platform(environ: MutableMapping[str, str] = os.environ) -> str:
   accelerator plugin; else 'cpu'.
   """
   jax = sys.modules.get("jax")
-  backends = getattr(getattr(jax, "_src", None), "xla_bridge", None)
-  if backends is not None and getattr(backends, "_backends", None):
+  bridge = getattr(getattr(jax, "_src", None), "xla_bridge", None)
+  if bridge is not None and bridge.backends_are_initialized():
     return str(jax.default_backend())
   return platform_from_environment(environ)
 

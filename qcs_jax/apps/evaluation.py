@@ -161,8 +161,8 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict | None, checkpoint: str,
   step = (make_tta_step(loaded.model, mesh) if tta_flip
           else train_step.make_eval_step(loaded.model, mesh))
   try:
-    # Host preprocessing (resize, centre crop, normalise): an evaluation reads each image
-    # once, so an image cache would cost more than it saves.
+    # Host preprocessing (resize, centre crop, normalise) whatever data.augment_on says:
+    # an evaluation reads each image once; the image cache serves training.
     data_cfg = dict(cfg.data.to_dict() if hasattr(cfg.data, "to_dict") else cfg.data,
                     augment_on="host")
     batches = pipeline.eval_batches(src, data_cfg, img_size, bs)

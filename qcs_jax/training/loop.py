@@ -191,13 +191,13 @@ def _train_epoch(run: _Run, epoch: int) -> bool:
              unit="step", disable=not (cfg.train.progress and run.writer), dynamic_ncols=True)
   pending, t0, done, in_flight = [], time.perf_counter(), 0, collections.deque()
   waited = 0.0  # seconds this epoch's loop waited for the input pipeline
+  keys = ("image", "label", "epoch", "position") if run.device_augment else ("image", "label")
   for i in range(start, steps):
     w0 = time.perf_counter()
     batch = next(batches, None)
     waited += time.perf_counter() - w0
     if batch is None:
       break
-    keys = ("image", "label", "epoch", "position") if run.device_augment else ("image", "label")
     state, m = train_step(state, *(shard_batch(batch[k], mesh) for k in keys))
     run.state = state
     if not run.trimmed:  # the step is compiled: the compiler's freed memory goes back

@@ -20,6 +20,7 @@ from jax import export as jax_export
 from jax.sharding import Mesh
 
 from qcs_jax.data import device_augment
+from qcs_jax.data.pipeline import resolve_augment_on
 from qcs_jax.data.transforms import Augment
 from qcs_jax.models import NUM_BRANCHES, build_model
 from qcs_jax.training import optim
@@ -39,22 +40,33 @@ def abstract_state(model: Any, tx: Any, num_branches: int, img_size: int, mesh: 
   return jax.eval_shape(lambda v, r: create_state(v, tx, r, mesh), variables, rng)
 
 
+def _abstract_program(cfg: ml_collections.ConfigDict, platforms: Sequence[str], mesh: Mesh,
+                      batch_size: int | None, default_batch: int) -> tuple[Any, ...]:
+  """(model, tx, abstract state, global batch, whether augmentation runs in the step)."""
+  model = build_model(cfg.model)
+  tx = optim.make_optimizer(cfg.optim, 100)
+  state = abstract_state(model, tx, NUM_BRANCHES[cfg.model.name], int(cfg.model.img_size), mesh)
+  ndev = mesh.devices.size
+  b = batch_size or -(-int(default_batch) // ndev) * ndev
+  # 'auto' resolves for the platform lowered for, as a run there would.
+  device = resolve_augment_on(cfg.data.get("augment_on", "auto"), platforms[0]) == "device"
+  return model, tx, state, b, device
+
+
 def export_train_step(cfg: ml_collections.ConfigDict, platforms: Sequence[str], mesh: Mesh,
                       batch_size: int | None = None) -> jax_export.Exported:
   """jax.export of cfg's train step for `platforms`, global batch `batch_size` (default
   cfg.data.batch_size rounded up to a multiple of the mesh's devices).
 
-  data.augment_on='device': the step that takes the cache's uint8 images (at the
-  recipe's resize size) with each row's epoch and position, and augments inside.
+  Augmentation on the device (data.augment_on 'device', or 'auto' lowered for an
+  accelerator): the step that takes the cache's uint8 images (at the recipe's resize
+  size) with each row's epoch and position, and augments inside.
   """
-  model = build_model(cfg.model)
-  tx = optim.make_optimizer(cfg.optim, 100)
+  model, tx, state, b, device = _abstract_program(cfg, platforms, mesh, batch_size,
+                                                  cfg.data.batch_size)
   nb, s = NUM_BRANCHES[cfg.model.name], int(cfg.model.img_size)
-  ndev = mesh.devices.size
-  b = batch_size or -(-int(cfg.data.batch_size) // ndev) * ndev
-  state = abstract_state(model, tx, nb, s, mesh)
   labels = jax.ShapeDtypeStruct((b, nb), jnp.int32)
-  if cfg.data.get("augment_on", "host") == "device":
+  if device:
     augment = Augment.from_cfg(cfg.data.augment)
     h, w = device_augment.source_hw(augment, s)
     step = make_train_step(model, tx, mesh, augment=augment, img_size=s)
@@ -69,16 +81,12 @@ def export_train_step(cfg: ml_collections.ConfigDict, platforms: Sequence[str], 
 def export_eval_step(cfg: ml_collections.ConfigDict, platforms: Sequence[str], mesh: Mesh,
                      batch_size: int | None = None) -> jax_export.Exported:
   """jax.export of the jitted inference path (variables, images) -> logits."""
-  model = build_model(cfg.model)
-  tx = optim.make_optimizer(cfg.optim, 100)
+  model, _, state, b, device = _abstract_program(cfg, platforms, mesh, batch_size,
+                                                 cfg.data.eval_batch_size)
   s = int(cfg.model.img_size)
-  state = abstract_state(model, tx, NUM_BRANCHES[cfg.model.name], s, mesh)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  ndev = mesh.devices.size
-  b = batch_size or -(-int(cfg.data.eval_batch_size) // ndev) * ndev
-  uint8 = cfg.data.get("augment_on", "host") == "device"
-  images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8 if uint8 else jnp.float32)
-  return jax_export.export(make_eval_step(model, mesh, uint8=uint8),
+  images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8 if device else jnp.float32)
+  return jax_export.export(make_eval_step(model, mesh, uint8=device),
                            platforms=tuple(platforms))(variables, images)
 
 

@@ -75,7 +75,9 @@ def make_train_step(model, tx, mesh: Mesh, augment: Optional[Any] = None,
   if augment is None:
     return jax.jit(step, in_shardings=(rep, data, data), out_shardings=(rep, rep),
                    donate_argnums=0)
-  size = int(img_size) if img_size is not None else None
+  if img_size is None:
+    raise ValueError("make_train_step: augmentation on the device needs img_size")
+  size = int(img_size)
 
   def augmented_step(state: TrainState, images, labels, epoch, position):
     key = jax.random.fold_in(state.rng, AUGMENT_STREAM)

@@ -98,11 +98,12 @@ def _conv_bwd(strides, padding, precision, res, g):
       a, w, strides, padding, dimension_numbers=NHWC, precision=precision), x)
   (dx,) = input_vjp(g)
   # CPU: the tap GEMMs; every other platform (CUDA, ROCm, TPU): XLA's own gradient.
+  # Both branches return w's dtype (the taps accumulate bf16 in float32).
   dw = lax.platform_dependent(
       x, g,
       cpu=lambda x, g: shifted_weight_grad(x, g, w.shape[:2], strides, padding).astype(w.dtype),
       default=lambda x, g: xla_weight_grad(x, g, w, strides, padding, precision))
-  return dx, dw.astype(w.dtype)
+  return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

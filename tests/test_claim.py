@@ -15,6 +15,7 @@ from PIL import Image
 
 from qcs_jax.models.qcs import NUM_BRANCHES
 from qcs_jax.data import pipeline
+from qcs_jax.cli import claim as claim_cli
 from qcs_jax.experiments import claim, claim_report, claim_store
 from qcs_jax.training import optim
 
@@ -146,7 +147,7 @@ def test_report_files(tmp_path):
 
 def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
   out = str(tmp_path / "grid")
-  assert claim.main(["--quick", "--out", out]) == 0
+  assert claim_cli.main(["--quick", "--out", out]) == 0
   rows = claim.read_rows(os.path.join(out, claim.RESULTS))
   assert sorted(r["cell"] for r in rows) == sorted(
       c.key for c in claim.grid(*(claim.QUICK[k] for k in ("models", "strengths", "seeds"))))
@@ -166,23 +167,23 @@ def test_quick_grid_runs_resumes_and_reports(tmp_path, capsys):
   # rerun: every cell is done, nothing trains; a torn last line (a kill) is ignored
   with open(os.path.join(out, claim.RESULTS), "a") as f:
     f.write('{"cell": "baseline_p0.0')
-  assert claim.main(["--quick", "--out", out]) == 0
+  assert claim_cli.main(["--quick", "--out", out]) == 0
   assert "4 cells: 4 done, 0 to run" in capsys.readouterr().out
   # other settings in the same folder are refused, naming what differs
-  assert claim.main(["--out", out, "--models", "dcs", "--seeds", "0"]) == 2
+  assert claim_cli.main(["--out", out, "--models", "dcs", "--seeds", "0"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "image_size" in err and "Traceback" not in err
 
 
 def test_cli_errors(tmp_path, capsys):
-  assert claim.main(["--out", str(tmp_path), "--models", "qcs"]) == 2
+  assert claim_cli.main(["--out", str(tmp_path), "--models", "qcs"]) == 2
   assert "error: unknown model 'qcs'" in capsys.readouterr().err
-  assert claim.main(["--out", str(tmp_path), "--report_only"]) == 0  # nothing yet: no report
-  assert claim.main(["--out", str(tmp_path), "--data", "imagenet"]) == 2
+  assert claim_cli.main(["--out", str(tmp_path), "--report_only"]) == 0  # nothing yet: no report
+  assert claim_cli.main(["--out", str(tmp_path), "--data", "imagenet"]) == 2
   assert "error: unknown data 'imagenet'" in capsys.readouterr().err
-  assert claim.main(["--out", str(tmp_path), "--until", "25:99"]) == 2
+  assert claim_cli.main(["--out", str(tmp_path), "--until", "25:99"]) == 2
   assert "error: --until '25:99': expected HH:MM" in capsys.readouterr().err
-  assert claim.main(["--out", str(tmp_path), "--plan", "issue27", "--data", "rafdb"]) == 2
+  assert claim_cli.main(["--out", str(tmp_path), "--plan", "issue27", "--data", "rafdb"]) == 2
   assert "--plan issue27 is a synthetic-data grid" in capsys.readouterr().err
   now = datetime.datetime(2026, 12, 7, 11, 0, tzinfo=datetime.timezone.utc)
   assert claim_store.parse_until("13:35", now) == now.replace(hour=13, minute=35).timestamp()
@@ -218,7 +219,7 @@ def test_real_folder_grid(tmp_path):
           "--seeds", "0,1", "--epochs", "1", "--budget", "images", "--images_per_step", "16"]
   for s in tiny:
     argv += ["--set", s]
-  assert claim.main(argv) == 0
+  assert claim_cli.main(argv) == 0
   rows = claim.read_rows(os.path.join(out, claim.RESULTS))
   assert [r["cell"] for r in rows] == ["baseline_seed0", "baseline_seed1"]
   assert all(r["strength"] is None and r["images_through_backbone"] == 16 for r in rows)

@@ -4,10 +4,13 @@ Every setting here is CPU tuning and applies on CPU only: XLA's default CPU
 convolutions (YNNPACK fusions in jaxlib 0.10) run IR50's forward+backward ~1.5x
 slower than XNNPACK's (docs/BENCHMARKS.md), and glibc keeps the CPU compiler's
 freed temporaries resident. A process that will run on a GPU or TPU gets
-neither: ``expected_platform`` tells which, before JAX starts.
+neither: ``expected_platform`` tells which, before JAX starts. This module is
+imported before JAX (the programs set XLA_FLAGS here first): JAX is imported
+only inside the one function that configures it.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import pkgutil
@@ -154,7 +157,6 @@ def release_free_memory(platform: str | None = None) -> bool:
   """
   if (platform or expected_platform()) != "cpu":
     return False
-  import ctypes  # pylint: disable=import-outside-toplevel
   try:
     trim = ctypes.CDLL(None).malloc_trim
   except (OSError, AttributeError):

@@ -36,9 +36,12 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from qcs_jax.apps import http_guard
+from qcs_jax.apps.annotate import draw_annotations
 from qcs_jax.apps.http_guard import RequestError
+from qcs_jax.data.base import decode_rgb
 
 PAGE = pathlib.Path(__file__).with_name("webdemo.html")
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -68,7 +71,6 @@ class Busy(RuntimeError):
 def open_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
                 max_pixels: int = MAX_PIXELS) -> Any:
   """Uploaded bytes -> a lazily decoded PIL image whose size passed the limits."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   if not data:
     raise UploadError("the uploaded file is empty")
   if len(data) > max_bytes:
@@ -96,7 +98,6 @@ def _not_an_image(e: Exception) -> UploadError:
 
 def to_rgb_array(im: Any) -> np.ndarray:
   """An opened upload -> uint8 RGB (H, W, 3), upright by EXIF; UploadError if it will not decode."""
-  from PIL import ImageOps  # pylint: disable=import-outside-toplevel
   try:
     with im:
       return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), np.uint8)
@@ -112,7 +113,6 @@ def decode_upload(data: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> str:
   """uint8 RGB -> 'data:image/jpeg;base64,...'."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, "JPEG", quality=quality)
   return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -120,8 +120,6 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> str:
 
 def annotate(image: np.ndarray, rows: list[dict]) -> np.ndarray:
   """The photo with each face's box and 'label score' (predict.draw_annotations' drawing)."""
-  from qcs_jax.apps.annotate import draw_annotations  # pylint: disable=import-outside-toplevel
-  from qcs_jax.data.base import decode_rgb  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as d:
     path = draw_annotations(image, rows, os.path.join(d, "annotated.png"))
     return decode_rgb(path)

@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -284,7 +285,6 @@ def _run_chunks(filler: _Filler, chunks: list, workers: int, parallel: str):
   if parallel == "threads":
     pool = concurrent.futures.ThreadPoolExecutor(workers)
     return _closing(pool, pool.map(filler, chunks))
-  import multiprocessing  # pylint: disable=import-outside-toplevel  # only this branch needs it
   pool = concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
       initargs=(filler,))

@@ -111,6 +111,7 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
   icc = im.info.get("icc_profile")
   if icc:
     try:
+      # ImageCms needs Pillow's optional littlecms build: asked for only by ICC profiles.
       from PIL import ImageCms  # pylint: disable=import-outside-toplevel
       src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
       dst = ImageCms.createProfile("sRGB")

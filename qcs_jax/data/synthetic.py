@@ -25,6 +25,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from qcs_jax.data.base import DataError, InMemorySource
 from qcs_jax.data.synthetic_render import NUM_IRIS, confound_code, render_faces
@@ -295,7 +296,6 @@ def render_face(expression: int | str, image_size: int = 112, seed: int = 0,
 
 def save_sample_grid(source: Any, path: str, per_class: int = 8, scale: int = 1) -> None:
   """Writes a PNG: one row per class (first ``per_class`` images labelled so), names at left."""
-  from PIL import Image, ImageDraw
 
   labels = np.asarray(source.labels)
   names = tuple(source.class_names)

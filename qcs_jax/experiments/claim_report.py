@@ -14,8 +14,14 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
-import numpy as np
-from scipy import stats as sps
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats as sps  # noqa: E402
+
+from qcs_jax.data.synthetic import CLASS_NAMES  # noqa: E402
 
 MODEL_ORDER = ("baseline", "dcs", "qcs-sd", "qcs-s", "qcs-d")
 # The paper's orderings: QCS > DCS > baseline and SD > S > D.
@@ -171,10 +177,6 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
   """Test accuracy vs confound strength, one panel per nuisance, one line per model:
   the mean with its 95% CI as a band, single runs as dots. Real-data grids (no
   strength) draw one bar per model with its 95% CI instead."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   panels = curves(rows)
   fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), dpi=110,
                            squeeze=False)
@@ -208,7 +210,6 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
       ax.set_xticks(strengths)
     ax.set_ylabel("test accuracy (%), last epoch")
     if rs and rs[0].get("settings", {}).get("data") == "synthetic":
-      from qcs_jax.data.synthetic import CLASS_NAMES  # pylint: disable=import-outside-toplevel
       ax.axhline(100 / len(CLASS_NAMES), color="gray", ls="--", lw=1,
                  label=f"chance (1/{len(CLASS_NAMES)})")
     seeds = max((s["n"] for s in stats.values()), default=0)
@@ -224,10 +225,6 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
 
 def plot_epochs(rows: Sequence[dict], path: str, label=lambda r: r["cell"]) -> str:
   """Test accuracy after every epoch, one line per row (the recipe search's figure)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
   for r in rows:
     accs = [100 * a for a in r["epoch_accuracies"]]

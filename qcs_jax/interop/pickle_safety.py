@@ -24,6 +24,7 @@ import importlib
 import math
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 
@@ -80,7 +81,6 @@ def qualified(module: str, name: str) -> str:
 
 
 def bfloat16():
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
   return ml_dtypes.bfloat16
 
 

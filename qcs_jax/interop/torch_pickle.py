@@ -346,7 +346,7 @@ def load_torch_file(path: str | os.PathLike, prefer_torch: bool = True
   torch = None
   if prefer_torch:
     try:
-      import torch  # pylint: disable=import-outside-toplevel
+      import torch  # pylint: disable=import-outside-toplevel  # optional dependency
     except ImportError:
       pass
   obj = None

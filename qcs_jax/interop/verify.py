@@ -8,8 +8,10 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
+from qcs_jax import models
 from qcs_jax.interop import converter as convert
 
 
@@ -31,9 +33,7 @@ def verify_against_torch(sd: Mapping[str, np.ndarray], variables: Mapping,
   training-time graph's base/cross logits (eval mode). float64 variables run
   both sides in float64.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from qcs_jax import models  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel  # optional: only --verify needs it
   cfg = convert.model_cfg_dict(model_cfg)
   nsd = convert.reference_state_dict(sd, cfg)
   f64 = convert.flatten_tree(variables)[

@@ -71,6 +71,7 @@ def expected_shapes(model_cfg: Any) -> dict[Path, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=16)
 def _expected_shapes_cached(cfg_items: tuple) -> dict[Path, tuple[int, ...]]:
+  # models/__init__.py imports this module: build_model is looked up at call time.
   from qcs_jax.models import build_model  # pylint: disable=import-outside-toplevel
   cfg = dict(cfg_items)
   model = build_model(cfg)

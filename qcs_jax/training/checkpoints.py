@@ -11,6 +11,8 @@ import flax
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qcs_jax.training.state import TrainState
@@ -62,7 +64,6 @@ def check_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
 
 
 def checkpoint_manager(workdir: str, keep: int):
-  import orbax.checkpoint as ocp
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -73,7 +74,6 @@ def checkpoint_manager(workdir: str, keep: int):
 def save_checkpoint(mngr, state: TrainState, meta: dict) -> None:
   """Async save; on one host the replicated state is fetched once as numpy first
   (orbax would otherwise slice every replica of every array)."""
-  import orbax.checkpoint as ocp
   if jax.process_count() == 1:
     state = jax.device_get(state)
   mngr.save(int(meta["global_step"]), args=ocp.args.Composite(
@@ -88,7 +88,6 @@ def restore_checkpoint(mngr, abstract_state: TrainState,
   and moved aside to ``<workdir>/unreadable_checkpoints/`` (nothing is deleted);
   the next older one is used.
   """
-  import orbax.checkpoint as ocp
   rep = NamedSharding(mesh, P())
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                         abstract_state)
@@ -132,7 +131,6 @@ def _move_aside(mngr, steps: list[int], used: int | None) -> None:
             + (f"resuming from step {used}" if used is not None else "starting afresh"),
             flush=True)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("qcs_jax move unreadable checkpoints")
   mngr.reload()
 
@@ -161,7 +159,6 @@ def disk_full_error(workdir: str) -> OSError:
 
 def latest_variables(workdir: str) -> dict:
   """params and batch_stats of a training workdir's latest checkpoint, as numpy."""
-  import orbax.checkpoint as ocp
   with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                              item_handlers={"state": ocp.StandardCheckpointHandler(),
                                             "meta": ocp.JsonCheckpointHandler()}) as mngr:

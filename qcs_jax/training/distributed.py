@@ -64,6 +64,8 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
   """
   if jax.process_count() == 1:
     return
+  # JAX's distributed client has no public barrier: its private module, looked up
+  # only by a multi-process run.
   from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   jax_distributed.global_state.client.wait_at_barrier(f"qcs_jax:{name}", timeout_s * 1000)
 

@@ -25,7 +25,11 @@ import sys
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
+
+from qcs_jax.model_files import model_dir
+from qcs_jax.training import checkpoints
 
 TIMING_FIELDS = ("images_per_sec", "input_wait")
 
@@ -107,7 +111,6 @@ def metrics_rows(workdir: str) -> list[dict]:
 
 
 def _same_tree(a, b) -> bool:
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.tree.structure(a) != jax.tree.structure(b):
     return False
   return all(np.array_equal(np.asarray(x), np.asarray(y))
@@ -116,8 +119,6 @@ def _same_tree(a, b) -> bool:
 
 def compare(reference: str, other: str) -> dict:
   """Weights, metrics rows and best/ of two workdirs: what matches."""
-  from qcs_jax.model_files import model_dir  # pylint: disable=import-outside-toplevel
-  from qcs_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
   ra, rb = metrics_rows(reference), metrics_rows(other)
   same_rows = sum(x == y for x, y in zip(ra, rb))
   best = [model_dir.load_variables(os.path.join(d, "best"))[0] for d in (reference, other)]

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 
+from tensorboardX import SummaryWriter
+
 
 class MetricsLog:
   """metrics.jsonl plus TensorBoard event files, both in the workdir."""
 
   def __init__(self, workdir: str):
-    from tensorboardX import SummaryWriter
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = SummaryWriter(os.path.join(workdir, "tb"))
 

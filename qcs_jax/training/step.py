@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qcs_jax.data import device_augment
@@ -121,7 +122,6 @@ def _gather(logits: jax.Array, batch: dict) -> dict:
   local = {k: np.asarray(batch[k]) for k in ("label", "index", "mask")}
   if jax.process_count() == 1:
     return {"logits": np.asarray(jax.device_get(logits)), **local}
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return multihost_utils.process_allgather({"logits": logits, **local}, tiled=True)
 
 

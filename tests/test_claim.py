@@ -292,6 +292,33 @@ def test_claims_are_exclusive_and_stale_ones_taken_over(tmp_path):
   assert time.time() - os.stat(c1.path("y")).st_mtime < 5
 
 
+def test_a_cell_finished_between_the_rows_check_and_the_claim_is_not_run_again(
+    tmp_path, monkeypatch):
+  """The race CI caught: another process writes a cell's row and releases its claim
+  after this one read the rows and before it claims; the claim succeeds, the run must not."""
+  ran = []
+  monkeypatch.setattr(claim, "run_cell", lambda s, c, w: ran.append(c.key) or
+                      _fake_run_cell(s, c, w))
+  s = claim.Settings(epochs=2)
+  cells = claim.grid(["baseline", "dcs"], [0.0], [0])
+  rows_path = str(tmp_path / "rows.jsonl")
+  real_try_claim = claim_store.Claims.try_claim
+
+  def other_process_finishes_first(self, key):
+    if key == cells[0].key:
+      row = _fake_run_cell(s, cells[0], "")
+      row.update(settings_hash=claim.settings_hash(s.as_dict()), worker="other")
+      claim_store.append_row(rows_path, row)
+    return real_try_claim(self, key)
+
+  monkeypatch.setattr(claim_store.Claims, "try_claim", other_process_finishes_first)
+  rows, _ = claim.run_grid(s, cells, str(tmp_path / "out"), rows_path=rows_path,
+                           log=lambda *_: None)
+  assert ran == [cells[1].key]
+  assert sorted(r["cell"] for r in rows) == sorted(c.key for c in cells)
+  assert not os.listdir(tmp_path / "out" / "claims")  # the needless claim was let go
+
+
 _WORKER = """
 import os, sys, time
 from qcs_jax.experiments import claim

@@ -293,6 +293,9 @@ def run_grid(s: Settings, cells: Sequence[Cell], out: str, keep_checkpoints: boo
     if not claims.try_claim(cell.key):
       log(f"[{i + 1}/{len(todo)}] {cell.key}: claimed by {claims.holder(cell.key)}, skipped")
       continue
+    if cell.key in _done(claim_store.read_rows(path), path, digest, s):
+      claims.release(cell.key)  # its owner wrote the row and let go between our two looks
+      continue
     workdir = os.path.join(out, "runs", cell.key)
     log(f"[{i + 1}/{len(todo)}] {cell.key}")
     try:

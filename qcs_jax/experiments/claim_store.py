@@ -9,9 +9,10 @@ Claims: a process runs a cell only after creating OUT/claims/<cell>.claim with
 O_CREAT|O_EXCL (atomic on a local or NFSv3+ file system), holding its pid, host
 and start time; it refreshes the file's mtime every HEARTBEAT_S while training
 and deletes it after the row is written; having claimed, it reads the rows again,
-since the last owner may have finished the cell and let go since its first look. A claim is stale (its owner died) when
-its host is this host and its pid is gone, or when it has not been refreshed for
-stale_s seconds (another host's owner cannot be probed). A stale claim is taken
+since the last owner may have finished the cell and let go since its first look.
+A claim is stale (its owner died) when its host is this host and its pid is gone,
+or when it has not been refreshed for stale_s seconds (another host's owner cannot
+be probed). A stale claim is taken
 over by renaming it away first: only one of two racing processes wins the rename.
 """
 from __future__ import annotations

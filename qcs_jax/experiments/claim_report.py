@@ -225,15 +225,17 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
 
 def plot_epochs(rows: Sequence[dict], path: str, label=lambda r: r["cell"]) -> str:
   """Test accuracy after every epoch, one line per row (the recipe search's figure)."""
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+  fig, ax = plt.subplots(figsize=(7.2, 4.2 + 0.2 * len(rows)), dpi=110)
   for r in rows:
     accs = [100 * a for a in r["epoch_accuracies"]]
     ax.plot(range(1, len(accs) + 1), accs, marker=".", lw=1.2, label=label(r))
   ax.axhline(60, color="gray", ls=":", lw=1, label="60% (issue 27's bar)")
+  longest = max((len(r["epoch_accuracies"]) for r in rows), default=1)
+  ax.set_xticks(range(1, longest + 1, max(1, longest // 9)))
   ax.set_xlabel("epoch (2,304 training faces each)")
   ax.set_ylabel("test accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

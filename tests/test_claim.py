@@ -122,7 +122,7 @@ def test_report_files(tmp_path):
   table, fig = claim_report.write_report(rows, str(tmp_path))
   assert open(table).read().startswith("Settings: data=synthetic")
   with Image.open(fig) as im:
-    assert im.size == (704, 462)
+    assert im.size == (704, 924)  # accuracy above, the paired difference from baseline below
   real = [_row(m, None, s, 0.8 + 0.01 * s) for m in ("qcs-sd", "baseline") for s in (0, 1)]
   table, fig = claim_report.write_report(real, str(tmp_path))
   assert "| model | accuracy |" in open(table).read() and os.path.getsize(fig) > 1000
@@ -138,7 +138,7 @@ def test_report_files(tmp_path):
   assert "## Nuisance: background" in text and "## Nuisance: skin" in text
   assert "| dcs | +6.0 [+6.0, +6.0] (2/2) |" in text  # drop 0.6 -> 0.54 on both seeds
   with Image.open(fig) as im:
-    assert im.size == (1408, 462)
+    assert im.size == (1408, 924)
   curve = claim_report.plot_epochs([dict(cell="a", epoch_accuracies=[0.2, 0.5])],
                                    str(tmp_path / "epochs.png"))
   with Image.open(curve) as im:

@@ -173,50 +173,94 @@ def table_markdown(rows: Sequence[dict]) -> str:
   return out + ("\n" + t3 if any_pair else "")
 
 
-def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
-  """Test accuracy vs confound strength, one panel per nuisance, one line per model:
-  the mean with its 95% CI as a band, single runs as dots. Real-data grids (no
-  strength) draw one bar per model with its 95% CI instead."""
-  panels = curves(rows)
-  fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), dpi=110,
-                           squeeze=False)
-  for ax, (nuisance, rs) in zip(axes[0], panels.items()):
-    stats = summarize(rs)
-    models = _order({m for m, _ in stats})
-    strengths = sorted({p for _, p in stats}, key=_strength_key)
-    real = strengths == [None]
-    for i, m in enumerate(models):
-      ps = [p for p in strengths if (m, p) in stats]
-      ss = [stats[(m, p)] for p in ps]
-      means = np.asarray([100 * s["mean"] for s in ss])
-      lo = np.asarray([100 * (s["ci"][0] if s["ci"] else s["mean"]) for s in ss])
-      hi = np.asarray([100 * (s["ci"][1] if s["ci"] else s["mean"]) for s in ss])
-      if real:
-        ax.bar(i, means[0], yerr=[[means[0] - lo[0]], [hi[0] - means[0]]], capsize=4,
-               label=m, alpha=0.8)
-        xs = [float(i)]
-      else:
-        xs = [float(p) for p in ps]
-        line, = ax.plot(xs, means, marker="o", label=m, lw=1.5)
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-      for p, x in zip(ps, xs):
-        accs = [100 * r["final_accuracy"] for r in rs if r["model"] == m and r["strength"] == p]
-        ax.scatter([x] * len(accs), accs, s=9, color="k", alpha=0.35, zorder=3)
+def _colour(model: str) -> str:
+  """One colour per model in every panel."""
+  order = list(MODEL_ORDER)
+  return f"C{order.index(model) if model in order else len(order) + sum(map(ord, model)) % 5}"
+
+
+def _band(ax, xs, stats: list[dict], model: str, label: str, marker: str = "o") -> None:
+  """A mean line (in points) with its 95% CI as a band of the same colour."""
+  means = np.asarray([100 * s["mean"] for s in stats])
+  lo = np.asarray([100 * (s["ci"][0] if s["ci"] else s["mean"]) for s in stats])
+  hi = np.asarray([100 * (s["ci"][1] if s["ci"] else s["mean"]) for s in stats])
+  ax.plot(xs, means, marker=marker, label=label, lw=1.5, color=_colour(model))
+  ax.fill_between(xs, lo, hi, color=_colour(model), alpha=0.15, lw=0)
+
+
+def _accuracy_panel(ax, nuisance: str, rs: Sequence[dict], title: str) -> None:
+  stats = summarize(rs)
+  models = _order({m for m, _ in stats})
+  strengths = sorted({p for _, p in stats}, key=_strength_key)
+  real = strengths == [None]
+  for i, m in enumerate(models):
+    ps = [p for p in strengths if (m, p) in stats]
     if real:
-      ax.set_xticks(range(len(models)), models)
+      s = stats[(m, None)]
+      lo, hi = s["ci"] or (s["mean"], s["mean"])
+      ax.bar(i, 100 * s["mean"], yerr=[[100 * (s["mean"] - lo)], [100 * (hi - s["mean"])]],
+             capsize=4, label=m, alpha=0.8, color=_colour(m))
+      xs = [float(i)]
     else:
-      ax.set_xlabel(f"confound strength p of {nuisance or 'the nuisance'} "
-                    "(train split; test split independent)", fontsize=8)
-      ax.set_xticks(strengths)
-    ax.set_ylabel("test accuracy (%), last epoch")
-    if rs and rs[0].get("settings", {}).get("data") == "synthetic":
-      ax.axhline(100 / len(CLASS_NAMES), color="gray", ls="--", lw=1,
-                 label=f"chance (1/{len(CLASS_NAMES)})")
-    seeds = max((s["n"] for s in stats.values()), default=0)
-    ax.set_title(title or f"{nuisance + ': ' if nuisance else ''}mean, 95% CI band "
-                 f"(up to {seeds} seeds); dots: single runs", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+      xs = [float(p) for p in ps]
+      _band(ax, xs, [stats[(m, p)] for p in ps], m, m)
+    for p, x in zip(ps, xs):
+      accs = [100 * r["final_accuracy"] for r in rs if r["model"] == m and r["strength"] == p]
+      ax.scatter([x] * len(accs), accs, s=9, color="k", alpha=0.35, zorder=3)
+  if real:
+    ax.set_xticks(range(len(models)), models)
+  else:
+    ax.set_xticks(strengths)
+  chance = 100 / len(CLASS_NAMES)
+  lowest = min((100 * r["final_accuracy"] for r in rs), default=chance)
+  synthetic = bool(rs) and rs[0].get("settings", {}).get("data") == "synthetic"
+  if synthetic and lowest < chance + 20:  # drawn only where it does not flatten the curves
+    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance (1/{len(CLASS_NAMES)})")
+  ax.set_ylabel("test accuracy (%), last epoch" +
+                (f"; chance {chance:.1f}" if synthetic and lowest >= chance + 20 else ""))
+  seeds = max((s["n"] for s in stats.values()), default=0)
+  ax.set_title(title or f"{nuisance + ': ' if nuisance else ''}mean, 95% CI band "
+               f"(up to {seeds} seeds); dots: single runs", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
+def _difference_panel(ax, nuisance: str, rs: Sequence[dict]) -> None:
+  """Each model minus the baseline trained on the same seed, with its 95% CI band."""
+  strengths = sorted({r["strength"] for r in rs})
+  for m in _order({r["model"] for r in rs} - {"baseline"}):
+    pts = [(p, d) for p in strengths if (d := paired(rs, m, "baseline", p))]
+    if pts:
+      _band(ax, [float(p) for p, _ in pts], [d for _, d in pts], m, f"{m} − baseline", "s")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xticks(strengths)
+  ax.set_xlabel(f"confound strength p of {nuisance or 'the nuisance'} "
+                "(train split; test split independent)", fontsize=8)
+  ax.set_ylabel("paired difference (points)")
+  ax.set_title("minus the baseline on the same seed: mean, 95% CI band", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+
+
+def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
+  """Test accuracy vs confound strength, one column per nuisance, one line per model:
+  the mean with its 95% CI as a band, single runs as dots; below it, when the grid has
+  a baseline, each model's paired difference from it (the claim's test). Real-data
+  grids (no strength) draw one bar per model with its 95% CI instead."""
+  panels = curves(rows)
+  models = {r["model"] for r in rows}
+  strengths = {r["strength"] for r in rows}
+  diff_row = None not in strengths and "baseline" in models and len(models) > 1
+  n_rows = 2 if diff_row else 1
+  fig, axes = plt.subplots(n_rows, len(panels), figsize=(6.4 * len(panels), 4.2 * n_rows),
+                           dpi=110, squeeze=False)
+  for j, (nuisance, rs) in enumerate(panels.items()):
+    _accuracy_panel(axes[0][j], nuisance, rs, title)
+    if diff_row:
+      _difference_panel(axes[1][j], nuisance, rs)
+    elif None not in strengths:
+      axes[0][j].set_xlabel(f"confound strength p of {nuisance or 'the nuisance'} "
+                            "(train split; test split independent)", fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

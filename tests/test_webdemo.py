@@ -1,11 +1,14 @@
-"""qcs_jax.apps.webdemo and qcs_jax.demo without a browser: the server, uploads, the adapter."""
+"""qcs_jax.apps.webdemo and qcs_jax.cli.demo without a browser: the server, uploads, the adapter."""
 import base64
 import hashlib
 import io
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -421,3 +424,18 @@ def test_every_answer_carries_the_security_headers(serve):
   assert not re.search(r"\sstyle=|\son[a-z]+=", page)  # no inline attribute CSP would block
   garbage = _raw(_port(srv), b"HELLO\r\n\r\n")
   assert b"\r\nX-Content-Type-Options: nosniff\r\n" in garbage
+
+
+def test_load_tool_drives_the_real_demo_program(tmp_path):
+  """tools/load_test_demo.py starts `python -m qcs_jax.cli.demo` (the program, the
+  embedded model) and reports; a stale module name there ended in 'the demo did not start'."""
+  tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "tools", "load_test_demo.py")
+  done = subprocess.run([sys.executable, tool, "--seconds", "4", "--good", "1",
+                         "--hostile", "2"], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads(done.stdout)
+  assert report["server"] == "demo" and report["good_answered_200"] >= 1
+  hostile = {k: v for k, v in report["statuses"].items() if k != "good"}
+  assert hostile and not any("200" in v for v in hostile.values()), report["statuses"]
+  assert report["threads_left"] == 0

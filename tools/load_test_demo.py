@@ -2,7 +2,7 @@
 
   python tools/load_test_demo.py [--seconds 30] [--good 2] [--hostile 6] [--fake]
 
-Starts `python -m qcs_jax.demo --port 0` (the embedded model; --fake: an
+Starts `python -m qcs_jax.cli.demo --port 0` (the embedded model; --fake: an
 in-process server whose model is a stub, for a quick check of the clients),
 then for --seconds runs --good clients that upload a face photo again and again
 and --hostile clients that cycle through the attacks of docs/RELIABILITY.md
@@ -106,7 +106,7 @@ def start_server(fake: bool) -> tuple[int, Callable[[], int], Callable[[], None]
       srv.server_close()
 
     return srv.server_address[1], lambda: peak_rss(os.getpid()), stop_fake
-  proc = subprocess.Popen([sys.executable, "-m", "qcs_jax.demo", "--port", "0"],
+  proc = subprocess.Popen([sys.executable, "-m", "qcs_jax.cli.demo", "--port", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline, port = time.monotonic() + START_TIMEOUT_S, None
   while port is None and time.monotonic() < deadline and proc.poll() is None:

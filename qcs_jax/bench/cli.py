@@ -12,7 +12,7 @@ What runs:
 - train: one SAM step as the reference takes it (forward+backward at w, e = rho g /
   (||g|| + 1e-12), forward+backward at w + e, Adam at w with the second gradient).
   JAX: qcs_jax.training.step.make_train_step (jitted, state donated). PyTorch: that step
-  written out with torch.optim.Adam over tests/torch_reference.py (one ir_back call
+  written out with torch.optim.Adam over qcs_jax/interop/reference.py (one ir_back call
   per branch, as the authors' code). `--batch` counts anchors: a QCS step sees
   4 x batch images, DCS 2 x batch.
 - infer: the inference path only (ir_back -> embed -> VIT_base), JAX `method='infer'`

@@ -11,7 +11,7 @@ from qcs_jax.bench.workload import make_batch, random_images, timed
 
 
 class TorchBench:
-  """tests/torch_reference.py: the authors' network; SAM + Adam written out."""
+  """qcs_jax/interop/reference.py: the authors' network; SAM + Adam written out."""
 
   framework = "torch"
 

@@ -27,7 +27,7 @@ def verify_against_torch(sd: Mapping[str, np.ndarray], variables: Mapping,
   """Max relative errors of Flax vs the PyTorch reference on a random batch.
 
   `reference` is the module of a PyTorch implementation with the authors'
-  names (tests/torch_reference.py: `Backbone`, `QCSReference`); it gets the
+  names (qcs_jax/interop/reference.py: `Backbone`, `QCSReference`); it gets the
   original state dict `sd`, the Flax model gets the converted `variables`.
   Backbone: stage outputs x1..x3; full: also tokens, logits, and the
   training-time graph's base/cross logits (eval mode). float64 variables run

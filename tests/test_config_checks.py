@@ -102,6 +102,16 @@ def test_train_cli_missing_config_file(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_train_cli_config_file_with_a_syntax_error(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(:\n  pass\n")
+  p = _run("qcs_jax.train", "--config", str(bad), "--workdir", str(tmp_path / "run"))
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "SyntaxError" in last and "bad.py" in last, last
+  assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_cli_names_unknown_override(tmp_path):
   p = _run("qcs_jax.cli.evaluate", "--config", "configs/synthetic.py", "--checkpoint",
            str(tmp_path), "--config.data.on_bad_imag=skip")

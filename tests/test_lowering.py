@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax import export as jax_export
 
 from conftest import tiny_model_cfg
 from qcs_jax import recipes as config_lib
 from qcs_jax.data import transforms
+from qcs_jax.models import build_model
 from qcs_jax.training import lowering, state as train_state
 
 ACCELERATORS = ("cuda", "tpu")
@@ -116,3 +119,29 @@ def test_device_augmentation_runs_inside_the_accelerator_step():
     assert s.donated == s.arguments - 4
   e = lowering.summarize(lowering.export_eval_step(cfg, ("cuda",), mesh, batch_size=8))
   assert e.uint8_inputs == ("x",) and e.data_sharded == ("x",)
+
+
+@pytest.mark.parametrize("name", ["qcs", "dcs", "baseline"])
+@pytest.mark.parametrize("platform", ACCELERATORS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_device_train_step_of_every_model(name, platform, dtype):
+  """The one-GPU (one-chip) programs a single-card user runs, every model and dtype."""
+  _check_accelerator_program(_train(name, (platform,), 1, dtype), dtype)
+
+
+@pytest.mark.parametrize("name", ["qcs", "dcs", "baseline"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inference_function_for_accelerators(name, dtype):
+  """`model.apply(v, x, method="infer")`, the function the Recognizer, predict and the
+  export artefact compile, lowered for CUDA and TPU: convolutions in the configured
+  dtype, no loop and nothing CPU-only."""
+  cfg = _cfg(name, dtype).model
+  model = build_model(cfg)
+  size = cfg.img_size
+  x = jax.ShapeDtypeStruct((4, size, size, 3), jnp.float32)
+  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, method="infer"), x)
+  fn = jax.jit(lambda v, x: model.apply(v, x, method="infer"))
+  for platform in ACCELERATORS:
+    s = lowering.summarize(jax_export.export(fn, platforms=(platform,))(v, x))
+    assert s.loops == 0 and s.convolutions > 0 and not s.custom_calls, s
+    assert s.bf16_convolutions == (s.convolutions if dtype == "bfloat16" else 0), s

@@ -36,10 +36,10 @@ def imports(module: str, path: str, modules: dict[str, str],
             top_level_only: bool) -> set[str]:
   """The package modules that ``module`` imports (at module level only, if asked)."""
   tree = ast.parse(open(path).read(), path)
-  nodes = tree.body if top_level_only else list(ast.walk(tree))
-  if top_level_only:  # module level includes `try:` / `if:` blocks, not function bodies
-    nodes = [n for top in tree.body for n in ast.walk(top)
-             if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+  # module level includes `try:` / `if:` blocks, not function or class bodies
+  nodes = list(ast.walk(tree)) if not top_level_only else [
+      n for top in tree.body for n in ast.walk(top)
+      if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
   is_pkg = path.endswith("__init__.py")
   out = set()
   for n in nodes:
@@ -99,7 +99,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_module_level_imports_have_no_circle():
-  assert _cycle(_graph(top_level_only=True)) is None, " -> ".join(_cycle(_graph(True)))
+  circle = _cycle(_graph(top_level_only=True))
+  assert circle is None, " -> ".join(circle)
 
 
 @pytest.mark.parametrize("graph, circle", [

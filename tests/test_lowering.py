@@ -9,6 +9,7 @@ is the control: it does hold the loops, so the check can fail.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,9 @@ from jax import export as jax_export
 
 from conftest import tiny_model_cfg
 from qcs_jax import recipes as config_lib
+from qcs_jax.apps import throughput
 from qcs_jax.data import transforms
+from qcs_jax.export import artefacts
 from qcs_jax.models import build_model
 from qcs_jax.training import lowering, state as train_state
 
@@ -145,3 +148,17 @@ def test_inference_function_for_accelerators(name, dtype):
     s = lowering.summarize(jax_export.export(fn, platforms=(platform,))(v, x))
     assert s.loops == 0 and s.convolutions > 0 and not s.custom_calls, s
     assert s.bf16_convolutions == (s.convolutions if dtype == "bfloat16" else 0), s
+
+
+def test_export_artefact_holds_an_accelerator_program():
+  """qcs-export's jax artefact is lowered for cpu and cuda (one file, either machine):
+  its CUDA half is XLA's ops too, weights embedded, batch symbolic."""
+  cfg = _cfg("qcs").model.to_dict()
+  model = build_model(cfg)
+  v = throughput.random_variables(model, cfg["img_size"], seed=0, inference_only=True)
+  blob = artefacts.export_jax(types.SimpleNamespace(model=model, variables=v, model_cfg=cfg))
+  s = lowering.summarize(jax_export.deserialize(bytearray(blob)))
+  assert s.platforms == ("cpu", "cuda")
+  assert s.loops == 0 and s.convolutions > 0, s
+  # jax.export's own check of the symbolic batch, run by whoever calls it; no host callback
+  assert s.custom_calls == ("shape_assertion",), s.custom_calls

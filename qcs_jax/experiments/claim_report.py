@@ -173,10 +173,14 @@ def table_markdown(rows: Sequence[dict]) -> str:
   return out + ("\n" + t3 if any_pair else "")
 
 
-def _colour(model: str) -> str:
-  """One colour per model in every panel."""
-  order = list(MODEL_ORDER)
-  return f"C{order.index(model) if model in order else len(order) + sum(map(ord, model)) % 5}"
+def _colour(model: str) -> str | None:
+  """One colour per model in every panel (matplotlib's cycle for a model not listed)."""
+  return f"C{MODEL_ORDER.index(model)}" if model in MODEL_ORDER else None
+
+
+def _strength_label(nuisance: str) -> str:
+  return (f"confound strength p of {nuisance or 'the nuisance'} "
+          "(train split; test split independent)")
 
 
 def _band(ax, xs, stats: list[dict], model: str, label: str, marker: str = "o") -> None:
@@ -214,10 +218,11 @@ def _accuracy_panel(ax, nuisance: str, rs: Sequence[dict], title: str) -> None:
   chance = 100 / len(CLASS_NAMES)
   lowest = min((100 * r["final_accuracy"] for r in rs), default=chance)
   synthetic = bool(rs) and rs[0].get("settings", {}).get("data") == "synthetic"
-  if synthetic and lowest < chance + 20:  # drawn only where it does not flatten the curves
+  near = lowest < chance + 20  # the line is drawn only where it does not flatten the curves
+  if synthetic and near:
     ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance (1/{len(CLASS_NAMES)})")
   ax.set_ylabel("test accuracy (%), last epoch" +
-                (f"; chance {chance:.1f}" if synthetic and lowest >= chance + 20 else ""))
+                (f"; chance {chance:.1f}" if synthetic and not near else ""))
   seeds = max((s["n"] for s in stats.values()), default=0)
   ax.set_title(title or f"{nuisance + ': ' if nuisance else ''}mean, 95% CI band "
                f"(up to {seeds} seeds); dots: single runs", fontsize=9)
@@ -234,8 +239,7 @@ def _difference_panel(ax, nuisance: str, rs: Sequence[dict]) -> None:
       _band(ax, [float(p) for p, _ in pts], [d for _, d in pts], m, f"{m} − baseline", "s")
   ax.axhline(0, color="k", lw=0.8)
   ax.set_xticks(strengths)
-  ax.set_xlabel(f"confound strength p of {nuisance or 'the nuisance'} "
-                "(train split; test split independent)", fontsize=8)
+  ax.set_xlabel(_strength_label(nuisance), fontsize=8)
   ax.set_ylabel("paired difference (points)")
   ax.set_title("minus the baseline on the same seed: mean, 95% CI band", fontsize=9)
   ax.grid(alpha=0.3)
@@ -259,8 +263,7 @@ def plot(rows: Sequence[dict], path: str, title: str = "") -> str:
     if diff_row:
       _difference_panel(axes[1][j], nuisance, rs)
     elif None not in strengths:
-      axes[0][j].set_xlabel(f"confound strength p of {nuisance or 'the nuisance'} "
-                            "(train split; test split independent)", fontsize=8)
+      axes[0][j].set_xlabel(_strength_label(nuisance), fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
